@@ -1,0 +1,1 @@
+"""capkv\x27s HTTP layer: the aiohttp app, routes, errors, the Python client and the CLI."""

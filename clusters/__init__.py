@@ -1,0 +1,1 @@
+"""Cluster files, the local launcher (`capkv up`) and fault injection."""

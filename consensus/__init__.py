@@ -1,0 +1,1 @@
+"""The cp mode: a Raft-replicated, linearizable store on pysyncobj."""
