@@ -246,6 +246,132 @@ class CPService(Protocol):
         """Gauges and counters for /metrics, Prometheus names without the `capkv_` prefix."""
 
 
+# --- cp: transactions, leases, watches (the second cp issue) -------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Compare:
+    """One txn compare, etcd-style: `target` of the key(s) in [key, end) `op` `value`.
+
+    target: "value" (bytes) | "version" | "create_revision" | "mod_revision" | "lease" (int);
+    op: "==" | "!=" | "<" | ">". An absent key has version, revisions and lease 0 and no
+    value (a value compare on it is false), as in etcd.
+    """
+
+    key: bytes
+    target: str
+    op: str
+    value: bytes | int
+    end: bytes | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TxnOp:
+    """One txn request: op "get" | "put" | "delete" | "txn" (nested, etcd allows it).
+
+    get: key, end, limit, keys_only, count_only, revision; put: key, value, lease, prev;
+    delete: key, end, prev; txn: compare, success, failure.
+    """
+
+    op: str
+    key: bytes = b""
+    value: bytes | None = None
+    end: bytes | None = None
+    lease: int = 0
+    prev: bool = False
+    limit: int | None = None
+    keys_only: bool = False
+    count_only: bool = False
+    revision: int | None = None
+    compare: tuple[Compare, ...] = ()
+    success: tuple["TxnOp", ...] = ()
+    failure: tuple["TxnOp", ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class TxnResult:
+    succeeded: bool
+    revision: int
+    # One per op of the branch taken: RangeResult, PutResult, DeleteResult or TxnResult.
+    responses: list
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseInfo:
+    id: int
+    ttl: int  # seconds left; -1 when the lease does not exist (etcd's TimeToLive)
+    granted_ttl: int
+    keys: list[bytes] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class WatchEvent:
+    type: str  # "put" | "delete"
+    kv: KeyValue  # for a delete: key, mod_revision = the delete's revision, version 0
+    prev: KeyValue | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WatchBatch:
+    """What a watch yields: events of one or more revisions, in order; or, with no
+    events, a progress notice that the store reached `revision`. `canceled` with a
+    `reason` is the last batch (compacted, too slow, node stopping)."""
+
+    revision: int
+    events: list[WatchEvent]
+    canceled: bool = False
+    reason: str = ""
+    compact_revision: int = 0
+
+
+class CPExtras(Protocol):
+    """The rest of cp mode, implemented by the same service as `CPService`."""
+
+    async def txn(
+        self,
+        compare: list[Compare],
+        success: list[TxnOp],
+        failure: list[TxnOp],
+        *,
+        request_id: str | None = None,
+        timeout: float = 5.0,
+    ) -> TxnResult:
+        """Atomic: one revision for all its writes (none if it writes nothing).
+        InvalidRequest(code="invalid_txn") for a key written twice in one branch."""
+
+    async def lease_grant(self, ttl: int, *, lease_id: int = 0, timeout: float = 5.0) -> LeaseInfo: ...
+
+    async def lease_revoke(self, lease_id: int, *, timeout: float = 5.0) -> int:
+        """Deletes the lease's keys (one revision, a delete event each); returns the revision.
+        NotFound(code="lease_not_found") when it does not exist."""
+
+    async def lease_keepalive(self, lease_id: int, *, timeout: float = 5.0) -> LeaseInfo: ...
+
+    async def lease_info(self, lease_id: int, *, keys: bool = False, timeout: float = 5.0) -> LeaseInfo: ...
+
+    async def leases(self, *, timeout: float = 5.0) -> list[LeaseInfo]: ...
+
+    def watch(
+        self,
+        start: bytes,
+        end: bytes | None = None,
+        *,
+        start_revision: int | None = None,
+        prev: bool = False,
+        progress_interval: float = 10.0,
+    ) -> AsyncIterator[WatchBatch]:
+        """Events for keys in [start, end) from `start_revision` (default: now + 1), in
+        revision order, no gaps, no duplicates. Raises Compacted when start_revision is
+        below the compact revision. The iterator's buffer is bounded: a watcher that falls
+        too far behind gets a final canceled batch. Closing the iterator frees the watch."""
+
+    async def compact(self, revision: int, *, timeout: float = 5.0) -> int: ...
+
+    async def add_member(self, member: Member, *, timeout: float = 30.0) -> dict: ...
+
+    async def remove_member(self, member_id: str, *, timeout: float = 30.0) -> dict: ...
+
+
 # --- ap results ---------------------------------------------------------------------------
 
 
