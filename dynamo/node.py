@@ -1,0 +1,223 @@
+"""The replica: one node's local copy of the keys it holds, in an engine.
+
+Every peer request ends here: `coordinate` (make a new version of a key: the only place a
+dot is minted), `store` (merge a version from elsewhere: replication, read repair,
+handoff), `fetch` and `scan`. A read-modify-write of one key holds that key's lock, so
+two requests never interleave on it; engine writes may run in a thread (`offload=True`)
+so an fsync does not block the event loop, and concurrent writers share it.
+
+Engine layout (one engine per node): b"d:" + key -> `versions.encode_object`;
+b"h:" ... hints (`hints.py`); b"m:actor" -> this node's current actor id.
+
+Actor epochs (the fix for Riak's "doomstone", riak_kv#679): a dot (actor, n) must never
+name two different writes. A node mints n = (its counter in the local clock) + 1, which
+is safe only while its local copy of the key has never been deleted. So the actor is
+`"<node>.<epoch>"` with a random epoch, and before the node deletes a local copy whose
+clock names its current actor (after a handoff) it takes a fresh epoch, which has minted
+nothing anywhere. A wiped data directory gets a fresh actor too.
+
+    >>> r = Replica("n1", open_engine("memory"), rng=random.Random(1))
+    >>> obj = asyncio.run(r.coordinate(b"k", b"v", VClock(), hint_for=None, now=1.0))
+    >>> obj.live_values, obj.siblings[0].dot.actor == r.actor
+    ([b'v'], True)
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import random
+
+from engines import Engine
+
+from . import versions
+from .hints import HintLog, HintPolicy, HintsFull
+from .vclock import PrunePolicy, VClock
+from .versions import VersionedObject
+
+DATA_PREFIX = b"d:"
+ACTOR_KEY = b"m:actor"
+
+
+class TooManySiblings(Exception):
+    """A client write would leave more than `max_siblings` siblings; nothing was written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaLimits:
+    # Riak's max_siblings: beyond this a client write is refused until someone resolves the
+    # key (read, then write with the context). Merges from peers are never refused.
+    max_siblings: int = 100
+    # A scan (coverage read) returns at most this many keys / bytes per call.
+    max_scan_keys: int = 10_000
+    max_scan_bytes: int = 32 * 1024 * 1024
+
+
+def data_key(key: bytes) -> bytes:
+    return DATA_PREFIX + key
+
+
+def _prefix_end(prefix: bytes) -> bytes | None:
+    chars = bytearray(prefix)
+    while chars:
+        if chars[-1] < 0xFF:
+            chars[-1] += 1
+            return bytes(chars)
+        chars.pop()
+    return None
+
+
+class Replica:
+    def __init__(
+        self,
+        node_id: str,
+        engine: Engine,
+        *,
+        rng: random.Random | None = None,
+        lww: bool = False,
+        prune: PrunePolicy = PrunePolicy(),
+        hint_policy: HintPolicy = HintPolicy(),
+        limits: ReplicaLimits = ReplicaLimits(),
+        offload: bool = False,
+    ):
+        self.node_id = node_id
+        self.engine = engine
+        self.rng = rng or random.Random()
+        self.lww = lww
+        self.prune = prune
+        self.limits = limits
+        self.offload = offload
+        self.hints = HintLog(engine, hint_policy)
+        self._locks: dict[bytes, asyncio.Lock] = {}
+        self._lock_users: dict[bytes, int] = {}
+        stored = engine.get(ACTOR_KEY)
+        self.actor = stored.decode() if stored else self._new_actor()
+        self.epochs_started = 0
+
+    # --- actors ------------------------------------------------------------------------
+    def _new_actor(self) -> str:
+        actor = f"{self.node_id}.{self.rng.getrandbits(32):08x}"
+        self.engine.put(ACTOR_KEY, actor.encode())
+        self.engine.sync()
+        self.actor = actor
+        return actor
+
+    def new_epoch(self) -> str:
+        """Take a fresh actor id (durably) before deleting any local copy."""
+        self.epochs_started += 1
+        return self._new_actor()
+
+    # --- locking and engine writes -------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _key_lock(self, key: bytes):
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        self._lock_users[key] = self._lock_users.get(key, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._lock_users[key] -= 1
+            if not self._lock_users[key]:
+                del self._lock_users[key]
+                del self._locks[key]
+
+    async def _write(self, batch: list[tuple]) -> None:
+        if self.offload:
+            await asyncio.to_thread(self.engine.write, batch)
+        else:
+            self.engine.write(batch)
+
+    # --- reads ---------------------------------------------------------------------------
+    def fetch(self, key: bytes) -> VersionedObject | None:
+        raw = self.engine.get(data_key(key))
+        return None if raw is None else versions.decode_object(raw)
+
+    def scan(self, prefix: bytes, *, start_after: bytes | None = None, limit: int | None = None):
+        """`(items, more)`: up to `limit` (key, object) under `prefix` in key order."""
+        limit = min(limit or self.limits.max_scan_keys, self.limits.max_scan_keys)
+        start = data_key(prefix if start_after is None else max(prefix, start_after + b"\x00"))
+        end_key = _prefix_end(prefix)
+        end = data_key(end_key) if end_key is not None else _prefix_end(DATA_PREFIX)
+        items, size = [], 0
+        for raw_key, raw_value in self.engine.scan(start, end):
+            if len(items) >= limit or size >= self.limits.max_scan_bytes:
+                return items, True
+            items.append((raw_key[len(DATA_PREFIX) :], versions.decode_object(raw_value)))
+            size += len(raw_key) + len(raw_value)
+        return items, False
+
+    def keys(self):
+        """Every key stored here (for rebalancing); a generator over the engine scan."""
+        for raw_key, _ in self.engine.scan(DATA_PREFIX, _prefix_end(DATA_PREFIX)):
+            yield raw_key[len(DATA_PREFIX) :]
+
+    # --- writes --------------------------------------------------------------------------
+    async def coordinate(
+        self, key: bytes, value: bytes | None, context: VClock, *, hint_for: str | None, now: float
+    ) -> VersionedObject:
+        """Mint the new version of `key` for a client write (value None: delete) and keep it.
+
+        Raises `TooManySiblings` or `HintsFull` and stores nothing when over a limit."""
+        async with self._key_lock(key):
+            local = self.fetch(key)
+            obj = versions.new_write(local, context, value, self.actor, now, lww=self.lww, prune=self.prune)
+            if len(obj.siblings) > self.limits.max_siblings:
+                raise TooManySiblings(
+                    f"the key would have {len(obj.siblings)} siblings; the limit is {self.limits.max_siblings}: "
+                    "read it and write the resolved value with the read's context"
+                )
+            await self._persist(key, obj, hint_for, now)
+            return obj
+
+    async def store(self, key: bytes, incoming: VersionedObject, *, hint_for: str | None, now: float) -> VersionedObject:
+        """Merge a version from a peer; returns what is stored now. Idempotent."""
+        async with self._key_lock(key):
+            local = self.fetch(key)
+            obj = versions.merge(local, incoming, lww=self.lww)
+            # Prune here too (a merge re-adds what the versioning replica pruned), but never
+            # our own actor: our next dot must count on from everything we ever minted.
+            keep = {s.dot.actor for s in obj.siblings} | {self.actor}
+            obj = versions.VersionedObject(obj.clock.prune(now, self.prune, keep=keep), obj.siblings)
+            if obj.same_as(local) and hint_for is None:
+                return obj
+            await self._persist(key, obj, hint_for, now)
+            return obj
+
+    async def _persist(self, key: bytes, obj: VersionedObject, hint_for: str | None, now: float) -> None:
+        raw = versions.encode_object(obj)
+        batch = [("put", data_key(key), raw)]
+        if hint_for is not None and hint_for != self.node_id:
+            batch += self.hints.record(hint_for, key, len(raw), now)  # may raise HintsFull
+        await self._write(batch)
+
+    async def drop_if_unowned(self, key: bytes, still_owner: bool) -> bool:
+        """Delete the local copy of a key this node no longer needs (handed off, not a
+        primary, no hint left). Takes a new epoch first. True when deleted."""
+        async with self._key_lock(key):
+            local = self.fetch(key)
+            if still_owner or self.hints.has_key(key) or local is None:
+                return False
+            # Only an actor that minted on this key could mint a colliding dot later.
+            if local.clock.get(self.actor):
+                self.new_epoch()
+            await self._write([("delete", data_key(key), None)])
+            return True
+
+    def _check(self) -> None:
+        """Every stored object decodes and holds its invariants; the hint index matches the
+        engine; the actor id is the stored one."""
+        assert self.engine.get(ACTOR_KEY) == self.actor.encode(), "actor id not stored"
+        for raw_key, raw_value in self.engine.scan(DATA_PREFIX, _prefix_end(DATA_PREFIX)):
+            obj = versions.decode_object(raw_value)
+            obj._check()
+            assert len(obj.siblings) >= 1, f"empty object stored for {raw_key!r}"
+        self.hints._check()
+
+    async def write_ops(self, ops: list[tuple]) -> None:
+        if ops:
+            await self._write(ops)
+
+
+__all__ = ["Replica", "ReplicaLimits", "TooManySiblings", "HintsFull", "data_key"]

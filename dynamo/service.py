@@ -1,0 +1,532 @@
+"""`APService`: the ap mode behind the HTTP API (api/service.py is the contract).
+
+    service = create_service(NodeConfig(node_id="n1", members=..., secret=..., data_dir=...))
+    await service.start()          # opens the engine, serves peers on the peer address
+    ctx = await service.put(b"k", b"v")
+    read = await service.get(b"k")  # APRead(key, siblings=[b"v"], context=...)
+    await service.stop()
+
+One node = a `Replica` (its data, in an engine), a `Coordinator` (the requests it
+receives), a `FailureDetector`, a `PeerServer` for the other nodes' calls, and two
+background loops: probes of peers that failed, and hinted handoff (replay at a bounded
+rate to owners that answer again; expire hints older than their age limit).
+
+Extras beyond the protocol (used by tests and, if wanted, an internal route):
+`local_get(key)` reads this node's replica alone (no quorum, no repair);
+`handle(method, payload)` is the peer RPC entry point; `metrics()` also reports per-node
+hint counts. `request_id` is accepted and ignored: a retried put without context at worst
+adds a sibling holding the same bytes, which reads show once.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import random
+import time
+from typing import Callable
+
+from api.service import APRead, InvalidRequest, Member, NodeConfig, NotFound, Unavailable, ValueTooLarge
+from engines import open_engine
+
+from . import versions
+from .coordinator import Coordinator, CoordinatorLimits
+from .hints import HintPolicy, HintsFull
+from .membership import FailureDetector
+from .node import Replica, ReplicaLimits, TooManySiblings
+from .ring import Ring
+from .transport import HttpTransport, PeerServer, PeerUnreachable, RemoteError, Transport, b64, unb64
+from .vclock import PrunePolicy, VClock, decode_context, encode_context
+
+
+@dataclasses.dataclass(frozen=True)
+class APOptions:
+    """Every limit and period of the ap mode, in one place."""
+
+    prune: PrunePolicy = PrunePolicy()
+    hints: HintPolicy = HintPolicy()
+    replica: ReplicaLimits = ReplicaLimits()
+    coordinator: CoordinatorLimits = CoordinatorLimits()
+    probe_interval_s: float = 0.5  # how often a failed peer is asked whether it is back
+    down_after: int = 3  # failures in a row before suspect becomes down
+    handoff_interval_s: float = 0.5  # how often pending hints are looked at
+    hint_expiry_interval_s: float = 60.0
+    max_range_limit: int = 10_000  # keys one coverage read returns at most
+
+
+# Joining through another node (NodeConfig.join): attempts and the pause between them.
+JOIN_ATTEMPTS = 20
+JOIN_RETRY_S = 0.5
+
+
+def create_service(config: NodeConfig, **kwargs) -> "DynamoService":
+    return DynamoService(config, **kwargs)
+
+
+def _validate(config: NodeConfig) -> None:
+    if not 1 <= config.replicas:
+        raise ValueError(f"replicas (N) must be at least 1, not {config.replicas}")
+    for name in ("read_quorum", "write_quorum"):
+        value = getattr(config, name)
+        if not 1 <= value <= config.replicas:
+            raise ValueError(f"{name} must be between 1 and N={config.replicas}, not {value}")
+    if config.conflicts not in ("vclock", "lww"):
+        raise ValueError(f"conflicts must be vclock or lww, not {config.conflicts!r}")
+    if not config.secret:
+        raise ValueError("the ap mode needs a cluster secret for peer traffic")
+    ids = [m.id for m in config.members]
+    if len(ids) != len(set(ids)) or config.node_id not in ids:
+        raise ValueError("members must have distinct ids and include this node")
+
+
+class DynamoService:
+    mode = "ap"
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        transport: Transport | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        options: APOptions = APOptions(),
+        engine=None,
+    ):
+        _validate(config)
+        self.config = config
+        self.node_id = config.node_id
+        self.options = options
+        self.wall_clock = wall_clock
+        self.rng = rng or random.Random()
+        self.members: dict[str, Member] = {m.id: m for m in config.members}
+        self._ring = Ring(self.members, config.vnodes)
+        self._external_transport = transport
+        self._engine = engine
+        self.transport: Transport | None = None
+        self.replica: Replica | None = None
+        self.coordinator: Coordinator | None = None
+        self._server: PeerServer | None = None
+        self._loops: list[asyncio.Task] = []
+        self._metrics: dict[str, float] = {}
+        self.detector = FailureDetector(
+            self.members, self.node_id, down_after=options.down_after, probe_interval_s=options.probe_interval_s
+        )
+        self.started = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def _addresses(self) -> dict[str, str]:
+        addresses = {m.id: m.peer_address for m in self.members.values()}
+        addresses.update(dict(self.config.peer_routes))
+        return addresses
+
+    async def start(self) -> None:
+        config = self.config
+        if self._engine is None:
+            if config.engine == "memory":
+                self._engine = open_engine("memory")
+            else:
+                path = os.path.join(config.data_dir, "ap")
+                os.makedirs(path, exist_ok=True)
+                self._engine = open_engine(config.engine, path, sync=config.sync)
+        self.replica = Replica(
+            self.node_id,
+            self._engine,
+            rng=self.rng,
+            lww=config.conflicts == "lww",
+            prune=self.options.prune,
+            hint_policy=self.options.hints,
+            limits=self.options.replica,
+            offload=config.engine != "memory",
+        )
+        if self._external_transport is None:
+            self.transport = HttpTransport(self._addresses(), config.secret)
+            host, _, port = self.members[self.node_id].peer_address.rpartition(":")
+            self._server = PeerServer(host, int(port), config.secret, self.handle)
+            await self._server.start()
+        else:
+            self.transport = self._external_transport
+        self.coordinator = Coordinator(
+            self.node_id,
+            ring=lambda: self._ring,
+            n=config.replicas,
+            detector=self.detector,
+            call=self._call,
+            wall_clock=self.wall_clock,
+            sloppy=config.hinted_handoff,
+            lww=config.conflicts == "lww",
+            limits=self.options.coordinator,
+            metrics=self._metrics,
+        )
+        self._loops = [asyncio.ensure_future(self._probe_loop()), asyncio.ensure_future(self._handoff_loop())]
+        if config.join:
+            self._loops.append(asyncio.ensure_future(self._join(config.join)))
+        self.started = True
+
+    async def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        await self.coordinator.close()
+        if self._server is not None:
+            await self._server.stop()
+        if self._external_transport is None and self.transport is not None:
+            await self.transport.close()
+        if self._engine is not None:
+            self._engine.close()
+
+    async def _call(self, node: str, method: str, payload: dict, timeout: float) -> dict:
+        if node == self.node_id:
+            try:
+                return await asyncio.wait_for(self.handle(method, payload), timeout)
+            except asyncio.TimeoutError:
+                raise PeerUnreachable("local replica timed out") from None
+        return await self.transport.call(node, method, payload, timeout)
+
+    # --- peer RPC --------------------------------------------------------------------------
+    async def handle(self, method: str, payload: dict) -> dict:
+        """The replica side of every peer call (see transport.py for the wire)."""
+        replica = self.replica
+        if replica is None or not self.started:
+            raise RemoteError("not_ready", "node is starting or stopping")
+        try:
+            if method == "fetch":
+                obj = replica.fetch(unb64(payload["key"]))
+                return {"object": None if obj is None else b64(versions.encode_object(obj))}
+            if method == "coordinate":
+                value = payload.get("value")
+                obj = await replica.coordinate(
+                    unb64(payload["key"]),
+                    None if value is None else unb64(value),
+                    VClock.of({str(a): int(c) for a, c in payload.get("context", {}).items()}),
+                    hint_for=payload.get("hint_for"),
+                    now=float(payload.get("timestamp") or self.wall_clock()),
+                )
+                if payload.get("hint_for"):
+                    self._count("hints_stored")
+                return {"object": b64(versions.encode_object(obj))}
+            if method == "store":
+                obj = versions.decode_object(unb64(payload["object"]))
+                await replica.store(unb64(payload["key"]), obj, hint_for=payload.get("hint_for"), now=self.wall_clock())
+                if payload.get("hint_for"):
+                    self._count("hints_stored")
+                return {"ok": True}
+            if method == "scan":
+                start_after = payload.get("start_after")
+                items, more = replica.scan(
+                    unb64(payload["prefix"]),
+                    start_after=None if start_after is None else unb64(start_after),
+                    limit=int(payload.get("limit") or 0) or None,
+                )
+                return {"items": [[b64(k), b64(versions.encode_object(o))] for k, o in items], "more": more}
+            if method == "ping":
+                return {"node": self.node_id, "actor": replica.actor}
+            if method == "members":
+                await self._apply_members([Member(**m) for m in payload["members"]])
+                return {"ok": True}
+        except TooManySiblings as exc:
+            raise RemoteError("too_many_siblings", str(exc)) from None
+        except HintsFull as exc:
+            self._count("hints_refused")
+            raise RemoteError("hints_full", str(exc)) from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RemoteError("bad_request", f"{method}: {type(exc).__name__}: {exc}") from None
+        raise RemoteError("unknown_method", f"no peer method {method!r}")
+
+    # --- APService ---------------------------------------------------------------------------
+    def _count(self, name: str, by: float = 1) -> None:
+        self._metrics[name] = self._metrics.get(name, 0) + by
+
+    def _ready(self) -> Coordinator:
+        if not self.started:
+            raise Unavailable("this node is not started", code="unavailable")
+        return self.coordinator
+
+    @staticmethod
+    def _check_key(key: bytes) -> bytes:
+        if not isinstance(key, (bytes, bytearray)) or not 1 <= len(key) <= 4096:
+            raise InvalidRequest("a key is 1 to 4096 bytes", code="invalid_key")
+        return bytes(key)
+
+    @staticmethod
+    def _check_timeout(timeout: float) -> float:
+        if not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+            raise InvalidRequest(f"timeout must be in (0, 3600] seconds, not {timeout!r}", code="invalid_timeout")
+        return float(timeout)
+
+    @staticmethod
+    def _context(context: str | None) -> VClock:
+        try:
+            return decode_context(context)
+        except ValueError as exc:
+            raise InvalidRequest(
+                f"the context does not decode ({exc}); pass the context a read or write returned, unchanged",
+                code="invalid_context",
+            ) from None
+
+    async def get(self, key: bytes, *, r: int | None = None, timeout: float = 5.0) -> APRead:
+        key = self._check_key(key)
+        coordinator = self._ready()
+        self._count("requests_get")
+        obj = await coordinator.read(key, r=self.config.read_quorum if r is None else r, timeout=self._check_timeout(timeout))
+        return self._as_read(key, obj)
+
+    @staticmethod
+    def _as_read(key: bytes, obj) -> APRead:
+        if obj is None:
+            return APRead(key=key, siblings=[], context=encode_context(VClock()))
+        return APRead(key=key, siblings=obj.live_values, context=encode_context(obj.clock))
+
+    async def put(
+        self,
+        key: bytes,
+        value: bytes,
+        *,
+        context: str | None = None,
+        w: int | None = None,
+        request_id: str | None = None,
+        timeout: float = 5.0,
+    ) -> str:
+        key = self._check_key(key)
+        if not isinstance(value, (bytes, bytearray)):
+            raise InvalidRequest("a value is bytes", code="invalid_value")
+        if len(value) > self.config.max_value_bytes:
+            raise ValueTooLarge(f"the value is {len(value)} bytes; the limit is {self.config.max_value_bytes}")
+        clock = self._context(context)
+        coordinator = self._ready()
+        self._count("requests_put")
+        obj = await coordinator.write(
+            key, bytes(value), clock, w=self.config.write_quorum if w is None else w, timeout=self._check_timeout(timeout)
+        )
+        return encode_context(obj.clock)
+
+    async def delete(self, key: bytes, *, context: str | None = None, w: int | None = None, timeout: float = 5.0) -> str:
+        key = self._check_key(key)
+        clock = self._context(context)
+        coordinator = self._ready()
+        self._count("requests_delete")
+        obj = await coordinator.write(
+            key, None, clock, w=self.config.write_quorum if w is None else w, timeout=self._check_timeout(timeout)
+        )
+        return encode_context(obj.clock)
+
+    async def range(self, prefix: bytes, *, limit: int | None = None, timeout: float = 5.0) -> tuple[list[APRead], bool]:
+        if not isinstance(prefix, (bytes, bytearray)):
+            raise InvalidRequest("a prefix is bytes", code="invalid_key")
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise InvalidRequest(f"limit must be a positive integer, not {limit!r}", code="invalid_limit")
+        coordinator = self._ready()
+        self._count("requests_range")
+        limit = min(limit or self.options.max_range_limit, self.options.max_range_limit)
+        items, partial = await coordinator.range(bytes(prefix), limit=limit, timeout=self._check_timeout(timeout))
+        return [self._as_read(k, obj) for k, obj in items], partial
+
+    def local_get(self, key: bytes) -> APRead:
+        """This node's own replica of `key`, without asking anyone (for operators and tests)."""
+        key = self._check_key(key)
+        self._ready()
+        return self._as_read(key, self.replica.fetch(key))
+
+    def preflist(self, key: bytes) -> dict:
+        key = self._check_key(key)
+        ring = self._ring
+        return {
+            "key": key,
+            "hash": ring.key_hash(key),
+            "preference_list": ring.preference_list(key, self.config.replicas),
+            "fallbacks": ring.fallbacks(key, self.config.replicas),
+        }
+
+    async def status(self) -> dict:
+        ownership = self._ring.ownership()
+        return {
+            "mode": "ap",
+            "node": self.node_id,
+            "n": self.config.replicas,
+            "r": self.config.read_quorum,
+            "w": self.config.write_quorum,
+            "conflicts": self.config.conflicts,
+            "hinted_handoff": self.config.hinted_handoff,
+            "members": [
+                {
+                    "id": m.id,
+                    "client_url": m.client_url,
+                    "peer_url": f"http://{m.peer_address}",
+                    "status": self.detector.status(m.id),
+                    "tokens": self._ring.vnodes,
+                    "ownership": round(ownership.get(m.id, 0.0), 6),
+                }
+                for m in sorted(self.members.values(), key=lambda m: m.id)
+            ],
+            "hints_pending": self.replica.hints.count if self.replica else 0,
+            "anti_entropy": {"enabled": False, "note": "Merkle anti-entropy is not implemented yet; read repair and hinted handoff only"},
+        }
+
+    def health(self) -> tuple[bool, str]:
+        if not self.started:
+            return False, "node is not started"
+        up = len(self.detector.up())
+        need = max(self.config.read_quorum, self.config.write_quorum)
+        if up < need:
+            return False, f"only {up} nodes reachable; reads and writes need {need}"
+        return True, "ok"
+
+    def metrics(self) -> dict[str, float]:
+        m = self._metrics
+        hints = self.replica.hints if self.replica else None
+        out = {
+            "ap_get_requests_total": m.get("requests_get", 0),
+            "ap_put_requests_total": m.get("requests_put", 0),
+            "ap_delete_requests_total": m.get("requests_delete", 0),
+            "ap_range_requests_total": m.get("requests_range", 0),
+            "ap_quorum_failures_total": m.get("quorum_failures", 0),
+            "ap_hinted_writes_total": m.get("hinted_writes", 0),
+            "ap_hints_stored_total": m.get("hints_stored", 0),
+            "ap_hints_refused_total": m.get("hints_refused", 0),
+            "ap_hints_delivered_total": m.get("hints_delivered", 0),
+            "ap_hints_dropped_total": hints.dropped if hints else 0,
+            "ap_hints_pending": hints.count if hints else 0,
+            "ap_hints_pending_bytes": hints.bytes if hints else 0,
+            "ap_read_repairs_total": m.get("read_repairs", 0),
+            "ap_read_repairs_skipped_total": m.get("read_repairs_skipped", 0),
+            "ap_siblings_seen_total": m.get("siblings_seen", 0),
+            "ap_reads_with_siblings_total": m.get("reads_with_siblings", 0),
+            "ap_writes_refused_siblings_total": m.get("writes_refused_siblings", 0),
+            "ap_handoff_deleted_total": m.get("handoff_deleted", 0),
+            "ap_actor_epochs_total": self.replica.epochs_started if self.replica else 0,
+            "ap_peers_alive": len(self.detector.up()),
+        }
+        return out
+
+    # --- membership ---------------------------------------------------------------------------
+    async def add_member(self, member: Member) -> dict:
+        if member.id in self.members:
+            raise InvalidRequest(f"{member.id} is already a member", code="invalid_member")
+        members = list(self.members.values()) + [member]
+        return await self._change_members(members)
+
+    async def remove_member(self, member_id: str) -> dict:
+        if member_id not in self.members:
+            raise NotFound(f"no member {member_id!r}", code="member_not_found")
+        if len(self.members) <= 1:
+            raise InvalidRequest("cannot remove the last member", code="invalid_member")
+        return await self._change_members([m for m in self.members.values() if m.id != member_id])
+
+    async def _change_members(self, members: list[Member]) -> dict:
+        self._ready()
+        payload = {"members": [dataclasses.asdict(m) for m in members]}
+        targets = sorted({m.id for m in members} | set(self.members))
+        await self._apply_members(members)
+        told, missed = [self.node_id], []
+        for node in targets:
+            if node == self.node_id:
+                continue
+            try:
+                await self._call(node, "members", payload, self.options.coordinator.peer_timeout_s * 2)
+                told.append(node)
+            except (PeerUnreachable, RemoteError):
+                missed.append(node)
+        return {"members": sorted(m.id for m in members), "told": sorted(told), "not_told": missed}
+
+    async def _apply_members(self, members: list[Member]) -> None:
+        new = {m.id: m for m in members}
+        if set(new) == set(self.members):
+            return
+        self.members = new
+        self._ring = Ring(new, self.config.vnodes)
+        self.detector.set_members(new)
+        if isinstance(self.transport, HttpTransport):
+            self.transport.addresses = self._addresses()
+        self.coordinator._spawn(self._rebalance())
+
+    async def _rebalance(self) -> None:
+        """Push every local key this node no longer replicates to its new primaries, then
+        drop it; keys it now replicates arrive from the others' rebalancing."""
+        replica, ring, n = self.replica, self._ring, self.config.replicas
+        loop = asyncio.get_running_loop()
+        for key in list(replica.keys()):
+            primaries = ring.preference_list(key, n)
+            if self.node_id in primaries:
+                continue
+            obj = replica.fetch(key)
+            if obj is None:
+                continue
+            payload = {"key": b64(key), "object": b64(versions.encode_object(obj)), "hint_for": None}
+            results = await asyncio.gather(
+                *(self.coordinator.call(p, "store", payload, loop.time() + self.options.coordinator.peer_timeout_s) for p in primaries),
+                return_exceptions=True,
+            )
+            if all(not isinstance(result, BaseException) for result in results):
+                if await replica.drop_if_unowned(key, self.node_id in self._ring.preference_list(key, n)):
+                    self._count("handoff_deleted")
+            await asyncio.sleep(1.0 / self.options.hints.replay_rate_per_s)
+
+    async def _join(self, url: str) -> None:
+        """Ask a running node (its client URL) to add this one; it then tells every member,
+        this node included (`members` peer call). Retries a bounded number of times."""
+        import aiohttp
+
+        me = self.members[self.node_id]
+        body = {"id": me.id, "client_url": me.client_url, "peer_address": me.peer_address}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            for attempt in range(JOIN_ATTEMPTS):
+                try:
+                    async with session.post(url.rstrip("/") + "/v1/cluster/members", json=body) as response:
+                        if response.status == 200:
+                            self._count("joined")
+                            return
+                        reply = await response.json(content_type=None)
+                        if response.status == 400 and "already" in str(reply):
+                            return
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                    pass
+                await asyncio.sleep(JOIN_RETRY_S)
+        self._count("join_failed")
+
+    # --- background loops ------------------------------------------------------------------------
+    async def _probe_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.options.probe_interval_s / 2)
+            due = self.detector.due_probes(loop.time())
+            if due:
+                deadline = loop.time() + self.options.coordinator.peer_timeout_s
+                await asyncio.gather(*(self.coordinator.call(node, "ping", {}, deadline) for node in due), return_exceptions=True)
+                # A failed probe re-arms the peer's next probe (record_failure).
+
+    async def _handoff_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_expiry = loop.time()
+        hints = self.replica.hints
+        while True:
+            await asyncio.sleep(self.options.handoff_interval_s)
+            if loop.time() - last_expiry >= self.options.hint_expiry_interval_s:
+                last_expiry = loop.time()
+                await self.replica.write_ops(hints.expire(self.wall_clock()))
+            for owner in hints.owners():
+                if owner not in self.members:
+                    await self.replica.write_ops(hints.forget_owner(owner))
+                    continue
+                if self.detector.status(owner) != "alive":
+                    continue
+                await self._hand_off(owner, loop)
+
+    async def _hand_off(self, owner: str, loop) -> None:
+        hints, replica = self.replica.hints, self.replica
+        for hint in hints.pending_for(owner, self.options.hints.replay_batch):
+            obj = replica.fetch(hint.key)
+            if obj is not None:
+                payload = {"key": b64(hint.key), "object": b64(versions.encode_object(obj)), "hint_for": None}
+                try:
+                    await self.coordinator.call(owner, "store", payload, loop.time() + self.options.coordinator.peer_timeout_s)
+                except (PeerUnreachable, RemoteError):
+                    return
+            await replica.write_ops(hints.remove_if_unchanged(hint))
+            self._count("hints_delivered")
+            if not hints.has_key(hint.key):
+                still_owner = self.node_id in self._ring.preference_list(hint.key, self.config.replicas)
+                if await replica.drop_if_unowned(hint.key, still_owner):
+                    self._count("handoff_deleted")
+            await asyncio.sleep(1.0 / self.options.hints.replay_rate_per_s)

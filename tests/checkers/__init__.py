@@ -1,0 +1,11 @@
+"""History checkers, as Jepsen uses them: record what concurrent clients saw, then judge it.
+
+- `history`: one operation per JSON line (`Op`), a thread-safe `HistoryRecorder`, load/save.
+- `linearizability`: a Wing-Gong / Lowe search (with Knossos' treatment of indeterminate
+  operations) that decides whether a key-value history is linearizable, key by key.
+- `revisions`: cheap global checks on etcd-style revisions that the per-key search cannot
+  see (two writes with one revision, a read that saw the store go backwards).
+
+Import the modules as `tests.checkers.history` etc. (run pytest as `python -m pytest` from
+the project root, so that the root is on `sys.path`).
+"""

@@ -1,0 +1,487 @@
+"""Tests specific to the `hash` engine (Bitcask-style): rotation, merge, hint files,
+torn tails, corruption naming the damaged file, reopen. The shared suites in this
+directory cover the Engine protocol itself."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import struct
+import threading
+import time
+import zlib
+
+import pytest
+
+from engines import CorruptionError, InvalidArgument
+from engines.hash import HashEngine
+from engines.hash import format as fmt
+
+from .conftest import directory_bytes, model_scan
+
+SMALL = {"max_file_bytes": 4096, "sync": "never"}
+
+
+def data_files(path) -> list[str]:
+    return sorted(n for n in os.listdir(path) if n.endswith(".data"))
+
+
+def hint_files(path) -> list[str]:
+    return sorted(n for n in os.listdir(path) if n.endswith(".hint"))
+
+
+def flip(path: str, position: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(position)
+        byte = f.read(1)
+        f.seek(position)
+        f.write(bytes([byte[0] ^ 0x41]))
+
+
+@pytest.fixture
+def engines_opened():
+    opened = []
+    yield opened
+    for engine in opened:
+        try:
+            engine.close()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def open_hash(tmp_path, engines_opened):
+    path = str(tmp_path / "hash")
+
+    def opener(directory: str = path, **options) -> HashEngine:
+        merged = dict(SMALL)
+        merged.update(options)
+        engine = HashEngine(directory, **merged)
+        engines_opened.append(engine)
+        return engine
+
+    opener.path = path
+    return opener
+
+
+def crash_copy(engine_path: str, target: str) -> str:
+    """The directory as kill -9 would leave it: copied while the engine is open."""
+    shutil.copytree(engine_path, target)
+    return target
+
+
+# --------------------------------------------------------------------------- format
+
+
+def test_record_layout_matches_format_md():
+    record = fmt.encode_record(fmt.KIND_PUT, b"k", b"v")
+    assert record[:9] == b"\x01" + struct.pack("<II", 1, 1)
+    assert record[9:11] == b"kv"
+    assert record[11:] == struct.pack("<I", zlib.crc32(record[:11]))
+    assert zlib.crc32(record) == fmt.RESIDUE
+    assert fmt.decode_record(record) == (fmt.KIND_PUT, b"k", b"v")
+    damaged = bytearray(record)
+    damaged[10] ^= 1
+    assert fmt.decode_record(bytes(damaged)) is None
+
+
+def test_files_start_with_magic_and_version(open_hash):
+    engine = open_hash()
+    for i in range(200):
+        engine.put(b"k%03d" % i, b"v" * 50)
+    engine.close()
+    for name in data_files(open_hash.path) + hint_files(open_hash.path):
+        with open(os.path.join(open_hash.path, name), "rb") as f:
+            magic, version, file_id = fmt.FILE_HEADER.unpack(f.read(fmt.HEADER_SIZE))
+        assert magic == (fmt.DATA_MAGIC if name.endswith(".data") else fmt.HINT_MAGIC)
+        assert version == fmt.FORMAT_VERSION
+        assert file_id == int(name.split(".")[0], 16)
+
+
+# ------------------------------------------------------------------------- rotation
+
+
+def test_rotation_keeps_files_under_the_limit(open_hash):
+    engine = open_hash()
+    model = {}
+    for i in range(300):
+        model[b"key-%04d" % i] = os.urandom(60)
+        engine.put(b"key-%04d" % i, model[b"key-%04d" % i])
+    stats = engine.stats()
+    assert stats["rotations"] >= 5
+    assert stats["data_files"] == len(data_files(open_hash.path)) >= 6
+    for name in data_files(open_hash.path):
+        assert os.path.getsize(os.path.join(open_hash.path, name)) <= 4096
+    assert all(engine.get(k) == v for k, v in model.items())
+    engine._check()
+
+
+def test_record_larger_than_the_file_limit_gets_a_file_of_its_own(open_hash):
+    engine = open_hash()
+    engine.put(b"small", b"s")
+    big = os.urandom(10_000)
+    engine.put(b"big", big)
+    engine.put(b"after", b"a")
+    assert engine.get(b"big") == big
+    engine.close()
+    engine = open_hash()
+    assert engine.get(b"big") == big and engine.get(b"small") == b"s" and engine.get(b"after") == b"a"
+    engine._check()
+
+
+# ---------------------------------------------------------------------------- merge
+
+
+def test_merge_reclaims_dead_space_and_keeps_every_live_key(open_hash):
+    rng = random.Random(7)
+    engine = open_hash(auto_merge=False)
+    model = {}
+    keys = [b"key-%03d" % i for i in range(100)]
+    for round_ in range(8):
+        for key in keys:
+            model[key] = rng.randbytes(rng.randint(10, 80))
+            engine.put(key, model[key])
+        for key in rng.sample(keys, 10):
+            model.pop(key, None)
+            engine.delete(key)
+    engine.sync()
+    before = directory_bytes(open_hash.path)
+    dead_before = engine.stats()["dead_bytes"]
+    result = engine.merge()
+    engine._check()
+    after = directory_bytes(open_hash.path)
+    assert dead_before > 0 and result["bytes_reclaimed"] > 0
+    assert after < before / 2, (before, after)
+    # only the active file (written during the merge: nothing) can hold dead bytes now
+    assert engine.stats()["dead_bytes"] == 0
+    assert list(engine.scan()) == model_scan(model)
+    engine.close()
+    engine = open_hash()
+    assert list(engine.scan()) == model_scan(model)
+    engine._check()
+
+
+def test_merge_drops_tombstones_without_bringing_values_back(open_hash):
+    engine = open_hash(auto_merge=False)
+    engine.put(b"doomed", b"old value")
+    for i in range(100):  # push the value into an older file
+        engine.put(b"filler-%03d" % i, b"x" * 40)
+    engine.delete(b"doomed")
+    engine.merge()
+    assert engine.get(b"doomed") is None
+    engine.close()
+    engine = open_hash()
+    assert engine.get(b"doomed") is None
+    assert b"doomed" not in dict(engine.scan())
+
+
+def test_merge_while_threads_write_and_scan(open_hash):
+    """Writers change their own keys, scanners check order and the keys nobody changes,
+    and merges run back to back; at the end every writer's last word is there."""
+    engine = open_hash(auto_merge=False, max_file_bytes=16384)
+    stable = {b"stable-%03d" % i: b"s%d" % i for i in range(150)}
+    for key, value in stable.items():
+        engine.put(key, value)
+    models = [dict() for _ in range(3)]
+    errors: list[BaseException] = []
+    writers_done = threading.Event()
+    merges = [0]
+
+    def writer(index):
+        rng = random.Random(index)
+        keys = [b"w%d-%03d" % (index, i) for i in range(80)]
+        try:
+            step = 0
+            # at least 1500 steps, and on until three merges ran during them (bounded)
+            while (step < 1500 or merges[0] < 3) and step < 30_000:
+                step += 1
+                if step % 100 == 0:
+                    time.sleep(0.002)  # let the merger have the GIL now and then
+                key = rng.choice(keys)
+                if rng.random() < 0.8:
+                    value = rng.randbytes(rng.randint(1, 60))
+                    engine.put(key, value)
+                    models[index][key] = value
+                else:
+                    engine.delete(key)
+                    models[index].pop(key, None)
+                if step % 50 == 0:
+                    assert engine.get(key) == models[index].get(key)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def scanner():
+        try:
+            while not writers_done.is_set():
+                items = list(engine.scan())
+                keys = [k for k, _ in items]
+                assert keys == sorted(set(keys))
+                got = {k: v for k, v in items if k.startswith(b"stable-")}
+                assert got == stable, "a key nobody changed went missing or changed during a merge"
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def merger():
+        try:
+            while not writers_done.is_set():
+                engine.merge()
+                merges[0] += 1
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
+    others = [threading.Thread(target=scanner), threading.Thread(target=merger)]
+    for t in threads + others:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    writers_done.set()
+    for t in others:
+        t.join(timeout=120)
+    assert not errors, errors[:3]
+    assert merges[0] >= 3
+    expected = dict(stable)
+    for model in models:
+        expected.update(model)
+    engine._check()
+    assert list(engine.scan()) == model_scan(expected)
+    engine.close()
+    engine = open_hash()
+    assert list(engine.scan()) == model_scan(expected)
+    engine._check()
+
+
+def test_merge_starts_by_itself_past_the_dead_space_thresholds(open_hash):
+    engine = open_hash(merge_min_dead_bytes=8192, merge_dead_ratio=0.5)
+    for round_ in range(20):
+        for i in range(50):
+            engine.put(b"key-%02d" % i, b"round %d " % round_ + b"x" * 40)
+    deadline = time.monotonic() + 10
+    while engine.stats()["merges"] == 0 and time.monotonic() < deadline:
+        engine.put(b"key-00", b"nudge")
+        time.sleep(0.01)
+    assert engine.stats()["merges"] >= 1
+    engine.wait_idle()
+    assert engine.get(b"key-00") == b"nudge"
+    assert engine.get(b"key-49") == b"round 19 " + b"x" * 40
+    engine._check()
+
+
+# ----------------------------------------------------------------------- hint files
+
+
+def test_restart_reads_hint_files_not_data_files(open_hash):
+    engine = open_hash()
+    model = {b"k%04d" % i: b"v%d" % i for i in range(400)}
+    engine.write([("put", k, v) for k, v in list(model.items())[:100]])
+    for key, value in list(model.items())[100:]:
+        engine.put(key, value)
+    engine.delete(b"k0001")
+    del model[b"k0001"]
+    engine.close()
+    files = data_files(open_hash.path)
+    assert hint_files(open_hash.path) == [n.replace(".data", ".hint") for n in files]
+
+    engine = open_hash()
+    stats = engine.stats()
+    assert stats["hint_files_loaded"] == len(files) and stats["data_files_scanned"] == 0
+    assert stats["records_scanned_at_open"] == 0
+    assert list(engine.scan()) == model_scan(model)
+    engine.close()
+
+    # Without hint files the data files are scanned, and the hints written again.
+    for name in hint_files(open_hash.path):
+        os.unlink(os.path.join(open_hash.path, name))
+    engine = open_hash()
+    stats = engine.stats()
+    assert stats["hint_files_loaded"] == 0 and stats["data_files_scanned"] == len(files)
+    assert stats["records_scanned_at_open"] >= 401
+    assert list(engine.scan()) == model_scan(model)
+    engine.close()
+    assert len(hint_files(open_hash.path)) == len(files)
+
+
+def test_tombstone_in_a_later_file_survives_restart_through_hints(open_hash):
+    engine = open_hash()
+    engine.put(b"gone", b"1")
+    engine.close()
+    engine = open_hash()
+    engine.delete(b"gone")
+    engine.close()
+    engine = open_hash()
+    assert engine.stats()["hint_files_loaded"] == 2
+    assert engine.get(b"gone") is None
+
+
+# ------------------------------------------------------------------------ torn tails
+
+
+def test_torn_tail_is_cut_reported_and_counted(open_hash, tmp_path):
+    engine = open_hash(sync="always", max_file_bytes=1 << 20)
+    for i in range(20):
+        engine.put(b"k%02d" % i, b"value %d" % i)
+    active = os.path.join(open_hash.path, data_files(open_hash.path)[-1])
+    before = os.path.getsize(active)
+    engine.put(b"last", b"L" * 100)
+    after = os.path.getsize(active)
+    crashed = crash_copy(open_hash.path, str(tmp_path / "crashed"))
+    torn_file = os.path.join(crashed, os.path.basename(active))
+    os.truncate(torn_file, before + 50)  # half of the last record
+
+    engine = open_hash(crashed, sync="always", max_file_bytes=1 << 20)
+    stats = engine.stats()
+    assert stats["torn_tails"] == 1
+    assert stats["bytes_cut_at_open"] == 50
+    assert os.path.getsize(torn_file) == before  # cut on disk, not just skipped
+    assert engine.get(b"last") is None
+    assert dict(engine.scan()) == {b"k%02d" % i: b"value %d" % i for i in range(20)}
+    engine._check()
+    assert after - before == 13 + 4 + 100
+
+
+def test_torn_batch_is_dropped_whole(open_hash, tmp_path):
+    engine = open_hash(sync="always", max_file_bytes=1 << 20)
+    engine.put(b"before", b"b")
+    active = os.path.join(open_hash.path, data_files(open_hash.path)[-1])
+    start = os.path.getsize(active)
+    engine.write([("put", b"batch-%d" % i, b"v" * 30) for i in range(5)] + [("delete", b"before", None)])
+    end = os.path.getsize(active)
+    crashed = crash_copy(open_hash.path, str(tmp_path / "crashed"))
+    # keep the frame header and the first three ops whole: only the batch CRC is missing
+    os.truncate(os.path.join(crashed, os.path.basename(active)), end - 40)
+    engine = open_hash(crashed, sync="always")
+    assert engine.stats()["torn_tails"] == 1
+    assert dict(engine.scan()) == {b"before": b"b"}
+    assert end - 40 > start + 9 + 3 * (13 + 7 + 30)
+
+
+def test_damage_inside_an_unhinted_data_file_refuses_to_open(open_hash, tmp_path):
+    """A crash leaves the active file without a hint; a flipped byte in its first record
+    is followed by valid records, so it is damage, not a torn tail: never cut silently."""
+    engine = open_hash(sync="always", max_file_bytes=1 << 20)
+    for i in range(30):
+        engine.put(b"k%02d" % i, b"value %d" % i)
+    active = data_files(open_hash.path)[-1]
+    crashed = crash_copy(open_hash.path, str(tmp_path / "crashed"))
+    flip(os.path.join(crashed, active), fmt.HEADER_SIZE + 11)
+    with pytest.raises(CorruptionError) as info:
+        open_hash(crashed)
+    assert os.path.basename(info.value.path) == active
+
+
+# ------------------------------------------------------------------------ corruption
+
+
+def test_flipped_byte_in_an_older_data_file_is_caught_at_get(open_hash):
+    engine = open_hash()
+    for i in range(200):
+        engine.put(b"k%03d" % i, b"value-%03d" % i + b"." * 30)
+    location = engine._keydir[b"k005"]
+    engine.close()
+    damaged = os.path.join(open_hash.path, fmt.data_file_name(location[0]))
+    flip(damaged, location[1] + location[2] - 8)  # inside the value
+
+    engine = open_hash()  # hint files: the data file is not read at open
+    with pytest.raises(CorruptionError) as info:
+        engine.get(b"k005")
+    assert info.value.path == damaged
+    assert os.path.basename(damaged) in str(info.value)
+    assert engine.get(b"k006") == b"value-006" + b"." * 30
+    with pytest.raises(CorruptionError):
+        list(engine.scan())
+
+
+def test_flipped_byte_in_a_hint_file_raises_naming_it(open_hash):
+    engine = open_hash()
+    for i in range(200):
+        engine.put(b"k%03d" % i, b"v" * 30)
+    engine.close()
+    hint = os.path.join(open_hash.path, hint_files(open_hash.path)[1])
+    flip(hint, os.path.getsize(hint) // 2)
+    with pytest.raises(CorruptionError) as info:
+        open_hash()
+    assert info.value.path == hint
+
+
+def test_flipped_byte_in_a_data_file_header_raises_naming_it(open_hash):
+    engine = open_hash()
+    for i in range(200):
+        engine.put(b"k%03d" % i, b"v" * 30)
+    engine.close()
+    damaged = os.path.join(open_hash.path, data_files(open_hash.path)[0])
+    flip(damaged, 3)
+    with pytest.raises(CorruptionError) as info:
+        open_hash()
+    assert info.value.path == damaged
+
+
+# ---------------------------------------------------------------------------- reopen
+
+
+def test_reopen_many_times_keeps_everything(open_hash):
+    rng = random.Random(3)
+    model: dict[bytes, bytes] = {}
+    for round_ in range(6):
+        engine = open_hash(auto_merge=False)
+        assert list(engine.scan()) == model_scan(model)
+        for _ in range(150):
+            key = b"k%02d" % rng.randrange(60)
+            roll = rng.random()
+            if roll < 0.6:
+                model[key] = rng.randbytes(rng.randint(0, 90))
+                engine.put(key, model[key])
+            elif roll < 0.8:
+                model.pop(key, None)
+                engine.delete(key)
+            else:
+                ops = [("put", key, b"b%d" % round_), ("delete", b"k%02d" % rng.randrange(60), None)]
+                engine.write(ops)
+                model[key] = b"b%d" % round_
+                model.pop(ops[1][1], None)
+        if round_ % 2:
+            engine.merge()
+        engine._check()
+        engine.close()
+    engine = open_hash()
+    assert list(engine.scan()) == model_scan(model)
+    engine._check()
+
+
+# --------------------------------------------------------------------- options, stats
+
+
+def test_unknown_and_bad_options_are_refused(tmp_path):
+    with pytest.raises(InvalidArgument, match="max_file_bytez"):
+        HashEngine(str(tmp_path / "a"), max_file_bytez=10)
+    for bad in ({"max_file_bytes": 0}, {"merge_dead_ratio": 1.5}, {"auto_merge": "yes"}, {"write_buffer_bytes": -1}):
+        with pytest.raises(InvalidArgument):
+            HashEngine(str(tmp_path / "b"), **bad)
+
+
+def test_scans_report_the_keys_they_sort(open_hash):
+    engine = open_hash()
+    for i in range(500):
+        engine.put(b"k%03d" % (499 - i), b"v")
+    assert engine.stats()["scan_keys_sorted"] == 0
+    assert len(list(engine.scan())) == 500
+    first = engine.stats()
+    assert first["scan_sorts"] == 1 and first["scan_keys_sorted"] == 500
+    list(engine.scan(b"k1", b"k2"))  # nothing changed: the sorted list is reused
+    assert engine.stats()["scan_sorts"] == 1
+    engine.put(b"new", b"v")
+    assert [k for k, _ in engine.scan(b"n")] == [b"new"]
+    assert engine.stats()["scan_sorts"] == 2
+
+
+def test_check_catches_drifted_accounting(open_hash):
+    engine = open_hash()
+    engine.put(b"a", b"1")
+    engine._check()
+    engine._dead[engine._active_id] += 1
+    with pytest.raises(AssertionError):
+        engine._check()
+    engine._dead[engine._active_id] -= 1
+    engine._keydir[b"b"] = engine._keydir[b"a"]  # an entry pointing at another key's record
+    with pytest.raises(AssertionError):
+        engine._check()
+    del engine._keydir[b"b"]

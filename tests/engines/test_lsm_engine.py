@@ -1,0 +1,590 @@
+"""Tests of what only the `lsm` engine has: flushes, SSTables, Bloom filters, the manifest,
+compaction, WAL recovery. The shared suites beside this file test the Engine protocol.
+
+Small options (a memtable of a few KiB, tiny blocks) make a few thousand keys span many
+tables and levels, so every test here runs in about a second.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import random
+import shutil
+import struct
+import threading
+
+import pytest
+
+from engines import CorruptionError, EngineError, InvalidArgument
+from engines.lsm import LSMEngine
+from engines.lsm import manifest as manifest_module
+from engines.lsm.bloom import BloomFilter, key_hash
+from engines.lsm.sstable import FOOTER_SIZE, TOMBSTONE, decode_block, encode_block
+from engines.lsm.wal import HEADER_SIZE as WAL_HEADER_SIZE
+from engines.lsm.wal import encode_put, replay
+
+SMALL = dict(
+    sync="never",
+    memtable_bytes=8 * 1024,
+    block_bytes=512,
+    level1_max_bytes=32 * 1024,
+    target_file_bytes=16 * 1024,
+    l0_compaction_trigger=2,
+)
+
+
+def files(path, suffix):
+    return sorted(name for name in os.listdir(path) if name.endswith(suffix))
+
+
+def disk_bytes(path):
+    return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "lsm")
+
+
+def random_key(rng):
+    return b"key-%08d" % rng.randrange(10**8)
+
+
+# ----------------------------------------------------------------------- flush and compaction
+
+
+def test_flush_writes_a_table_and_empties_the_wal(path):
+    engine = LSMEngine(path, **SMALL, background_compaction=False)
+    for i in range(100):
+        engine.put(b"k%03d" % i, b"v%03d" % i)
+    assert files(path, ".sst") == []
+    engine.flush()
+    assert len(files(path, ".sst")) == 1
+    stats = engine.stats()
+    assert stats["tables_per_level"][0] == 1 and stats["memtable_entries"] == 0
+    # only the new, empty log is left
+    (wal,) = files(path, ".wal")
+    assert os.path.getsize(os.path.join(path, wal)) == WAL_HEADER_SIZE
+    assert [engine.get(b"k%03d" % i) for i in range(100)] == [b"v%03d" % i for i in range(100)]
+    engine._check()
+    engine.close()
+
+
+def test_compaction_keeps_every_key_and_drops_shadowed_versions_and_tombstones(path):
+    rng = random.Random(7)
+    engine = LSMEngine(path, **SMALL, background_compaction=False)
+    model = {}
+    keys = [b"key-%05d" % i for i in range(1500)]
+    # five generations of every key, then delete a third of them
+    for generation in range(5):
+        for key in keys:
+            value = b"%d-" % generation + rng.randbytes(40)
+            engine.put(key, value)
+            model[key] = value
+        engine.flush()
+    for key in keys[::3]:
+        engine.delete(key)
+        del model[key]
+    engine.flush()
+    engine._check()
+    before = engine.stats()
+    assert before["table_entries"] >= 5 * len(keys)  # every version is still on disk
+    disk_before = disk_bytes(path)
+
+    engine.compact()
+    engine._check()
+    after = engine.stats()
+    assert after["table_entries"] == len(model), "shadowed versions or tombstones survived a full compaction"
+    assert after["table_tombstones"] == 0
+    assert sum(after["tables_per_level"][:-1]) == 0 or after["tables_per_level"][0] == 0
+    live = sum(len(k) + len(v) for k, v in model.items())
+    assert disk_bytes(path) < disk_before / 4
+    assert disk_bytes(path) < live * 1.5
+    assert dict(engine.scan()) == model
+    assert all(engine.get(key) == model.get(key) for key in keys)
+    engine.close()
+    engine = LSMEngine(path, **SMALL)
+    assert dict(engine.scan()) == model
+    engine.close()
+
+
+def test_background_compaction_bounds_level_zero_and_keeps_levels_sorted(path):
+    rng = random.Random(3)
+    engine = LSMEngine(path, **SMALL)
+    model = {}
+    for i in range(6000):
+        key = random_key(rng)
+        value = rng.randbytes(rng.randrange(60))
+        engine.put(key, value)
+        model[key] = value
+    engine.flush()
+    # let the compaction thread catch up: the level-0 table count must come down
+    for _ in range(200):
+        stats = engine.stats()
+        if stats["tables_per_level"][0] < SMALL["l0_compaction_trigger"]:
+            break
+        threading.Event().wait(0.02)
+    stats = engine.stats()
+    assert stats["compactions"] > 0
+    assert stats["tables_per_level"][0] < SMALL["l0_compaction_trigger"]
+    assert sum(stats["tables_per_level"][2:]) > 0, "nothing reached level 2 with a 32 KiB level 1"
+    engine._check()  # asserts that levels >= 1 do not overlap
+    assert list(engine.scan()) == sorted(model.items())
+    engine.close()
+
+
+def test_tombstone_is_kept_while_an_older_version_sits_below(path):
+    """A delete compacted into level 1 must keep hiding the value still in level 2."""
+    engine = LSMEngine(path, **SMALL, background_compaction=False)
+    engine.put(b"victim", b"old")
+    for i in range(300):
+        engine.put(b"pad-%04d" % i, b"x" * 40)
+    engine.compact()  # victim now at the bottom
+    deepest = max(i for i, n in enumerate(engine.stats()["tables_per_level"]) if n)
+    engine.delete(b"victim")
+    engine.flush()
+    # merge level 0 into level 1 only (not the bottom): the tombstone must survive there
+    from engines.lsm.compaction import plan_for
+
+    version = engine._version
+    if deepest > 1:
+        plan = plan_for(version.levels, 0, list(version.levels[0]))
+        assert not plan.drop_tombstones
+        engine._run_compaction(plan)
+        assert engine.stats()["table_tombstones"] == 1
+    assert engine.get(b"victim") is None
+    engine.compact()
+    assert engine.get(b"victim") is None
+    assert engine.stats()["table_tombstones"] == 0
+    engine._check()
+    engine.close()
+
+
+# ----------------------------------------------------------------------- Bloom filters
+
+
+def test_bloom_filter_false_positive_rate_at_10_bits_per_key():
+    rng = random.Random(11)
+    members = [rng.randbytes(16) for _ in range(100_000)]
+    bloom = BloomFilter.build(members, bits_per_key=10)
+    assert bloom.num_hashes == 7
+    assert all(bloom.may_contain(key_hash(key)) for key in members), "a Bloom filter must have no false negatives"
+    strangers = [b"other-" + rng.randbytes(16) for _ in range(100_000)]
+    false_positives = sum(bloom.may_contain(key_hash(key)) for key in strangers)
+    assert false_positives / len(strangers) <= 0.01
+
+
+def test_bloom_filter_keeps_its_own_number_of_hashes():
+    members = [b"m%d" % i for i in range(1000)]
+    for bits in (4, 10, 20):
+        encoded = BloomFilter.build(members, bits_per_key=bits).encode()
+        decoded = BloomFilter.decode(encoded)
+        assert decoded.num_hashes == {4: 3, 10: 7, 20: 14}[bits]
+        assert all(decoded.may_contain(key_hash(m)) for m in members)
+
+
+def test_tables_written_with_other_bloom_bits_read_back(path):
+    engine = LSMEngine(path, **SMALL, bloom_bits_per_key=3, background_compaction=False)
+    for i in range(500):
+        engine.put(b"k%04d" % i, b"v")
+    engine.flush()
+    engine.close()
+    engine = LSMEngine(path, **SMALL, bloom_bits_per_key=16)
+    assert all(engine.get(b"k%04d" % i) == b"v" for i in range(500))
+    engine.close()
+
+
+def test_get_of_absent_keys_skips_tables_by_bloom_filter(path):
+    engine = LSMEngine(path, **SMALL, background_compaction=False, block_cache_bytes=1 << 20)
+    for i in range(2000):
+        engine.put(b"present-%05d" % i, b"v" * 20)
+    engine.flush()
+    # Count the block lookups: a table whose filter says "no" is never looked into.
+    lookups = []
+    cache_get = engine._cache.get
+    engine._cache.get = lambda cache_key: lookups.append(cache_key) or cache_get(cache_key)
+    for i in range(2000):
+        assert engine.get(b"present-%05d" % i) == b"v" * 20
+    assert len(lookups) >= 2000
+    lookups.clear()
+    for i in range(2000):
+        assert engine.get(b"absent-%05d" % i) is None
+    blocks_read = len(lookups)
+    assert blocks_read <= 2000 * len(files(path, ".sst")) * 0.02
+    engine.close()
+
+
+# ----------------------------------------------------------------------- scans under change
+
+
+def test_scans_across_memtable_and_tables_during_writes_and_compaction(path):
+    """Keys that no writer touches must appear in every scan, in order, exactly once."""
+    engine = LSMEngine(path, **SMALL)
+    stable = {b"stable-%05d" % i: b"s%05d" % i for i in range(0, 3000, 3)}
+    for key, value in stable.items():
+        engine.put(key, value)
+    engine.flush()
+    errors = []
+    writers_done = threading.Event()
+
+    def writer(seed):
+        rng = random.Random(seed)
+        for _ in range(1200):
+            key = b"stable-%05d" % (rng.randrange(1000) * 3 + 1 + seed % 2)  # never a stable key
+            if rng.random() < 0.3:
+                engine.delete(key)
+            else:
+                engine.put(key, rng.randbytes(rng.randrange(80)))
+
+    def scanner(reverse):
+        try:
+            while not writers_done.is_set():
+                seen = [item for item in engine.scan(b"stable-", b"stable.", reverse=reverse)]
+                keys = [k for k, _ in seen]
+                assert keys == sorted(keys, reverse=reverse), "scan out of order"
+                assert len(keys) == len(set(keys)), "scan returned a key twice"
+                got = {k: v for k, v in seen if k in stable}
+                assert got == stable, f"scan lost or changed {len(set(stable) - set(got))} untouched keys"
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    writers = [threading.Thread(target=writer, args=(s,)) for s in range(2)]
+    scanners = [threading.Thread(target=scanner, args=(r,)) for r in (False, True)]
+    for thread in writers + scanners:
+        thread.start()
+    try:
+        for _ in range(3):
+            engine.compact()  # full compaction while scans run
+    finally:
+        for thread in writers:
+            thread.join()
+        writers_done.set()
+        for thread in scanners:
+            thread.join()
+    assert not errors, errors[0]
+    stats = engine.stats()
+    assert stats["flushes"] >= 3 and stats["compactions"] >= 3
+    engine._check()
+    engine.close()
+
+
+def test_an_open_scan_keeps_its_tables_until_it_is_dropped(path):
+    engine = LSMEngine(path, **SMALL, background_compaction=False)
+    model = {b"k%04d" % i: b"v%04d" % i for i in range(1000)}
+    for key, value in model.items():
+        engine.put(key, value)
+    engine.flush()
+    engine.put(b"k0000", b"newer")
+    engine.flush()
+    old_tables = set(files(path, ".sst"))
+    assert len(old_tables) >= 2
+    scan = engine.scan()
+    first = next(scan)
+    engine.compact()
+    # the scan's tables are no longer in the manifest but still on disk: it holds them
+    assert old_tables <= set(files(path, ".sst"))
+    rest = list(scan)
+    assert [first] + rest == sorted({**model, b"k0000": b"newer"}.items())
+    del scan, first, rest
+    gc.collect()
+    assert not old_tables & set(files(path, ".sst")), "replaced tables were not deleted after the scan ended"
+    engine._check()
+    engine.close()
+
+
+def test_scan_with_limit_and_reverse_over_many_tables(path):
+    rng = random.Random(5)
+    engine = LSMEngine(path, **SMALL, background_compaction=False)
+    model = {}
+    for round_ in range(6):
+        for _ in range(400):
+            key = b"%04d" % rng.randrange(3000)
+            if rng.random() < 0.2:
+                engine.delete(key)
+                model.pop(key, None)
+            else:
+                model[key] = b"r%d" % round_
+                engine.put(key, model[key])
+        if round_ % 2:
+            engine.flush()
+    ordered = sorted(model.items())
+    for _ in range(50):
+        lo, hi = sorted(b"%04d" % rng.randrange(3000) for _ in range(2))
+        limit = rng.choice([None, 1, 7, 100])
+        want = [kv for kv in ordered if lo <= kv[0] < hi]
+        assert list(engine.scan(lo, hi, limit=limit)) == want[:limit]
+        assert list(engine.scan(lo, hi, reverse=True, limit=limit)) == want[::-1][:limit]
+    engine.close()
+
+
+# ----------------------------------------------------------------------- recovery
+
+
+def test_reopen_keeps_everything_in_tables_and_logs(path):
+    rng = random.Random(9)
+    engine = LSMEngine(path, **SMALL)
+    model = {}
+    for i in range(4000):
+        key = random_key(rng)
+        if model and rng.random() < 0.1:
+            key = rng.choice(list(model))
+            engine.delete(key)
+            model.pop(key)
+            continue
+        model[key] = rng.randbytes(rng.randrange(100))
+        engine.put(key, model[key])
+    engine.write([("put", b"batch-a", b"1"), ("put", b"batch-b", b"2"), ("delete", b"batch-a", None)])
+    model[b"batch-b"] = b"2"
+    engine.close()
+    assert files(path, ".wal"), "the test needs writes that are only in a log"
+    engine = LSMEngine(path, **SMALL)
+    engine._check()
+    assert list(engine.scan()) == sorted(model.items())
+    assert engine.stats()["wal_torn_tails"] == 0
+    engine.close()
+
+
+def test_torn_wal_tail_is_cut_reported_and_counted(path):
+    engine = LSMEngine(path, sync="always")
+    for i in range(20):
+        engine.put(b"k%02d" % i, b"v%02d" % i)
+    engine.close()
+    (wal,) = files(path, ".wal")
+    wal_path = os.path.join(path, wal)
+    size = os.path.getsize(wal_path)
+    last_record = len(encode_put(b"k19", b"v19"))
+    os.truncate(wal_path, size - last_record // 2)
+
+    engine = LSMEngine(path, sync="always")
+    stats = engine.stats()
+    assert stats["wal_torn_tails"] == 1
+    assert stats["wal_torn_bytes"] == last_record - last_record // 2
+    assert engine.torn_tails[0]["path"] == wal_path
+    assert engine.get(b"k19") is None
+    assert [engine.get(b"k%02d" % i) for i in range(19)] == [b"v%02d" % i for i in range(19)]
+    engine.put(b"after", b"ok")
+    engine.close()
+    engine = LSMEngine(path)
+    assert engine.stats()["wal_torn_tails"] == 0, "the cut tail was reported again"
+    assert engine.get(b"after") == b"ok" and engine.get(b"k18") == b"v18"
+    engine.close()
+
+
+def test_a_torn_older_log_keeps_newer_logs_from_replaying(path):
+    """Recovery yields a prefix of the writes: after a hole, nothing later is replayed."""
+    engine = LSMEngine(path, **SMALL)
+    engine.close()
+    # Two logs by hand: 000100 torn in its second record, 000101 intact.
+    from engines.lsm.wal import WalWriter
+
+    first = WalWriter(os.path.join(path, "000100.wal"), 100)
+    first.append(encode_put(b"a", b"1"))
+    first.append(encode_put(b"b", b"2"))
+    first.close(sync=True)
+    os.truncate(first.path, os.path.getsize(first.path) - 1)
+    second = WalWriter(os.path.join(path, "000101.wal"), 101)
+    second.append(encode_put(b"c", b"3"))
+    second.close(sync=True)
+    engine = LSMEngine(path, **SMALL)
+    assert (engine.get(b"a"), engine.get(b"b"), engine.get(b"c")) == (b"1", None, None)
+    assert engine.stats()["wal_dropped_logs"] == 1
+    engine.close()
+
+
+def test_a_torn_batch_is_dropped_whole(path):
+    engine = LSMEngine(path, sync="always")
+    engine.put(b"b", b"old")
+    engine.write([("put", b"a", b"1"), ("delete", b"b", None), ("put", b"c", b"3" * 100)])
+    engine.close()
+    (wal,) = files(path, ".wal")
+    os.truncate(os.path.join(path, wal), os.path.getsize(os.path.join(path, wal)) - 50)
+    engine = LSMEngine(path)
+    assert (engine.get(b"a"), engine.get(b"b"), engine.get(b"c")) == (None, b"old", None)
+    engine.close()
+
+
+def test_manifest_replaced_atomically_leaves_no_temp_file(path):
+    engine = LSMEngine(path, **SMALL, background_compaction=False)
+    for i in range(500):
+        engine.put(b"k%04d" % i, b"v" * 30)
+    engine.compact()
+    engine.close()
+    assert "MANIFEST" in os.listdir(path)
+    assert not [n for n in os.listdir(path) if n.endswith(".tmp")]
+    body = manifest_module.read(path)
+    assert {"%06d.sst" % t["file"] for t in body["tables"]} == set(files(path, ".sst"))
+
+
+# ----------------------------------------------------------------------- corruption
+
+
+def _engine_with_one_table(path):
+    engine = LSMEngine(path, **SMALL, background_compaction=False)
+    for i in range(300):
+        engine.put(b"k%04d" % i, b"value-%04d" % i)
+    engine.flush()
+    engine.close()
+    (table,) = files(path, ".sst")
+    return os.path.join(path, table)
+
+
+def test_flipped_byte_in_a_data_block_raises_corruption_naming_the_table(path):
+    table = _engine_with_one_table(path)
+    with open(table, "r+b") as f:
+        f.seek(100)  # inside the first data block
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0x01]))
+    engine = LSMEngine(path, **SMALL)  # opening reads the index, footer and filter only
+    with pytest.raises(CorruptionError) as caught:
+        for i in range(300):
+            engine.get(b"k%04d" % i)
+    assert caught.value.path == table
+    assert os.path.basename(table) in str(caught.value)
+    with pytest.raises(CorruptionError):
+        list(engine.scan())
+    engine.close()
+
+
+@pytest.mark.parametrize("where", ["footer", "index", "bloom"])
+def test_damaged_table_metadata_refuses_to_open(path, where):
+    table = _engine_with_one_table(path)
+    size = os.path.getsize(table)
+    with open(table, "rb") as f:
+        f.seek(size - FOOTER_SIZE)
+        index_offset, _, bloom_offset, _ = struct.unpack("<QIQI", f.read(24))
+    position = {"footer": size - 10, "index": index_offset + 5, "bloom": bloom_offset + 20}[where]
+    with open(table, "r+b") as f:
+        f.seek(position)
+        byte = f.read(1)
+        f.seek(position)
+        f.write(bytes([byte[0] ^ 0x80]))
+    with pytest.raises(CorruptionError) as caught:
+        LSMEngine(path, **SMALL)
+    assert caught.value.path == table
+
+
+def test_damaged_manifest_refuses_to_open_naming_it(path):
+    _engine_with_one_table(path)
+    manifest_path = os.path.join(path, "MANIFEST")
+    with open(manifest_path, "r+b") as f:
+        f.seek(30)
+        byte = f.read(1)
+        f.seek(30)
+        f.write(bytes([byte[0] ^ 0x04]))
+    with pytest.raises(CorruptionError) as caught:
+        LSMEngine(path, **SMALL)
+    assert caught.value.path == manifest_path
+
+
+def test_missing_manifest_with_data_files_is_corruption_not_an_empty_store(path):
+    _engine_with_one_table(path)
+    os.unlink(os.path.join(path, "MANIFEST"))
+    with pytest.raises(CorruptionError, match="MANIFEST"):
+        LSMEngine(path, **SMALL)
+
+
+def test_missing_table_file_is_corruption(path):
+    table = _engine_with_one_table(path)
+    os.unlink(table)
+    with pytest.raises(CorruptionError) as caught:
+        LSMEngine(path, **SMALL)
+    assert caught.value.path == table
+
+
+# ----------------------------------------------------------------------- options, locking, checks
+
+
+def test_unknown_option_is_named(path):
+    with pytest.raises(InvalidArgument, match="memtable_megabytes"):
+        LSMEngine(path, memtable_megabytes=4)
+    with pytest.raises(InvalidArgument, match="block_bytes"):
+        LSMEngine(path, block_bytes=0)
+    with pytest.raises(InvalidArgument, match="sync"):
+        LSMEngine(path, sync="sometimes")
+
+
+def test_a_directory_opens_once_at_a_time(path):
+    engine = LSMEngine(path, **SMALL)
+    with pytest.raises(EngineError, match="in use"):
+        LSMEngine(path, **SMALL)
+    engine.close()
+    LSMEngine(path, **SMALL).close()
+
+
+def test_check_catches_broken_invariants(path):
+    engine = LSMEngine(path, **SMALL, background_compaction=False)
+    for i in range(200):
+        engine.put(b"k%03d" % i, b"v")
+    engine._check()
+    engine._version.mem.bytes += 1
+    with pytest.raises(AssertionError, match="bytes"):
+        engine._check()
+    engine._version.mem.bytes -= 1
+    engine.flush()
+    os.unlink(os.path.join(path, "MANIFEST"))
+    manifest_module.write(path, {"next_file": 99, "log_number": 0, "tables": []})
+    with pytest.raises(AssertionError, match="manifest"):
+        engine._check()
+    engine.close()
+
+
+def test_block_codec_tells_tombstones_from_empty_values():
+    keys, values = decode_block(encode_block([b"a", b"b", b"c"], [b"", TOMBSTONE, b"x"]))
+    assert keys == [b"a", b"b", b"c"]
+    assert values == [b"", b"", b"x"]
+    assert values[0] is not TOMBSTONE and values[1] is TOMBSTONE
+
+
+def test_sync_always_shares_fsyncs_between_threads(path):
+    engine = LSMEngine(path, sync="always")
+
+    def write(t):
+        for i in range(50):
+            engine.put(b"t%d-%03d" % (t, i), b"v")
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert engine.stats()["fsyncs"] < 400, "every write paid its own fsync"
+    engine.close()
+    engine = LSMEngine(path)
+    assert sum(1 for _ in engine.scan()) == 400
+    engine.close()
+
+
+def test_wal_replay_cuts_garbage_after_the_last_record(tmp_path):
+    from engines.lsm.wal import WalWriter
+
+    wal_path = str(tmp_path / "000001.wal")
+    writer = WalWriter(wal_path, 1)
+    writer.append(encode_put(b"a", b"1"))
+    writer.close(sync=False)
+    good = os.path.getsize(wal_path)
+    with open(wal_path, "ab") as f:
+        f.write(bytes(64))
+    result = replay(wal_path)
+    assert [op for batch in result.batches for op in batch] == [(0, b"a", b"1")]
+    assert result.torn_bytes == 64 and os.path.getsize(wal_path) == good
+
+
+def test_background_error_stops_writes_with_a_clear_error(path, monkeypatch):
+    engine = LSMEngine(path, **SMALL)
+    import engines.lsm.engine as engine_module
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine_module, "write_table", broken)
+    with pytest.raises(EngineError, match="No space left"):
+        for i in range(10_000):
+            engine.put(b"k%05d" % i, b"v" * 50)
+    assert "No space left" in engine.stats()["background_error"]
+    engine.close()
+    monkeypatch.undo()
+    engine = LSMEngine(path, **SMALL)  # the logs still hold every acknowledged write
+    assert engine.get(b"k00000") == b"v" * 50
+    engine.close()
+    shutil.rmtree(path)

@@ -1,0 +1,240 @@
+"""Linearizability of a cp cluster under faults, checked from recorded client histories.
+
+Several clients read, write and compare-and-swap a few keys through random nodes while the
+leader is SIGKILLed and restarted and a node is frozen (SIGSTOP) and thawed. Every operation
+is recorded (invocation, completion, outcome) and the history is checked key by key with
+`tests.checkers.linearizability`, and for global revision order with
+`tests.checkers.revisions`. On failure the history is saved and its path printed:
+
+    python -c "from tests.checkers import history, linearizability as l; \\
+               print(l.check(history.load('PATH')))"
+
+The first two tests run the workload against an in-process register server (correct, then
+one that serves stale reads), so that the recording and the checker are known to catch a
+stale read end to end before they judge the real cluster.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.checkers import linearizability
+from tests.checkers.history import HistoryRecorder, save
+from tests.checkers.revisions import check_revisions
+from tests.integration.workload import Workload, WorkloadConfig, wait_for_write
+
+# Where failing histories go (kept after the run); default: the test's tmp_path.
+HISTORY_DIR_ENV = "CAPKV_HISTORY_DIR"
+AFTERMATH_SECONDS = 3.0
+
+
+# --- an in-process register server, to test the workload and the checker together ----------
+
+
+class RegisterServer:
+    """GET/PUT/DELETE /v1/kv/{key} with revisions and if_mod_revision, on one lock (so it is
+    linearizable), or with `stale_reads`: GETs answered from a copy refreshed every
+    `lag` seconds, as a follower serving reads without a barrier would."""
+
+    def __init__(self, stale_reads: bool = False, lag: float = 0.05):
+        self.lock = threading.Lock()
+        self.data: dict[str, tuple[str, int]] = {}
+        self.snapshot: dict[str, tuple[str, int]] = {}
+        self.revision = 1
+        self.stale_reads = stale_reads
+        self.lag = lag
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self.server.serve_forever, daemon=True)]
+        if stale_reads:
+            self._threads.append(threading.Thread(target=self._refresh, daemon=True))
+
+    def __enter__(self) -> "RegisterServer":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+        for thread in self._threads:
+            thread.join(5)
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.lag):
+            with self.lock:
+                self.snapshot = dict(self.data)
+
+    def _handler(self):
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _answer(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _parse(self):
+                parts = urllib.parse.urlsplit(self.path)
+                key = urllib.parse.unquote(parts.path[len("/v1/kv/"):])
+                return key, dict(urllib.parse.parse_qsl(parts.query))
+
+            def do_GET(self) -> None:
+                key, _ = self._parse()
+                with outer.lock:
+                    source = outer.snapshot if outer.stale_reads else outer.data
+                    found, revision = source.get(key), outer.revision
+                if found is None:
+                    self._answer(404, {"error": {"code": "key_not_found", "message": "no such key"}})
+                else:
+                    self._answer(200, {"key": key, "value": found[0], "mod_revision": found[1], "revision": revision})
+
+            def do_PUT(self) -> None:
+                key, params = self._parse()
+                value = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+                with outer.lock:
+                    current = outer.data.get(key, (None, 0))[1]
+                    if "if_mod_revision" in params and int(params["if_mod_revision"]) != current:
+                        self._answer(412, {"error": {"code": "precondition_failed", "message": "no", "mod_revision": current}})
+                        return
+                    outer.revision += 1
+                    outer.data[key] = (value, outer.revision)
+                    self._answer(200, {"key": key, "revision": outer.revision, "created": current == 0})
+
+            def do_DELETE(self) -> None:
+                key, _ = self._parse()
+                with outer.lock:
+                    deleted = int(outer.data.pop(key, None) is not None)
+                    outer.revision += deleted
+                    self._answer(200, {"deleted": deleted, "revision": outer.revision})
+
+        return Handler
+
+
+def _run_against(server: RegisterServer, seconds: float) -> tuple[list, Workload]:
+    recorder = HistoryRecorder()
+    config = WorkloadConfig(clients=4, keys=("a", "b"), duration=seconds, timeout_ms=500)
+    workload = Workload([server.url], recorder, config)
+    workload.run()
+    return recorder.history(), workload
+
+
+def test_workload_against_a_linearizable_register_passes_every_check():
+    with RegisterServer() as server:
+        ops, workload = _run_against(server, 1.5)
+    assert workload.unexpected == []
+    kinds = {(op.op, op.outcome) for op in ops}
+    assert {("read", "ok"), ("write", "ok"), ("cas", "ok"), ("delete", "ok")} <= kinds, workload.summary()
+    assert any(op.op == "cas" and not op.succeeded for op in ops), "no contention: the cas path is untested"
+    verdict = linearizability.check(ops)
+    assert verdict.result == linearizability.LINEARIZABLE, str(verdict)
+    assert check_revisions(ops) == []
+
+
+def test_workload_and_checker_catch_stale_reads():
+    with RegisterServer(stale_reads=True, lag=0.1) as server:
+        ops, _ = _run_against(server, 1.5)
+    verdict = linearizability.check(ops)
+    assert verdict.result == linearizability.NOT_LINEARIZABLE, str(verdict)
+    assert verdict.explanations[0].op.op in ("read", "cas")
+
+
+# --- the real cluster --------------------------------------------------------------------------
+
+
+def _save_history(ops, tmp_path: Path, name: str) -> Path:
+    directory = Path(os.environ.get(HISTORY_DIR_ENV) or tmp_path)
+    directory.mkdir(parents=True, exist_ok=True)
+    return Path(save(ops, directory / f"{name}-{int(time.time())}.jsonl"))
+
+
+def _nemesis(cluster, rounds: int, period: float, rng: random.Random, log: list[tuple[float, str]]) -> None:
+    """Each round: SIGKILL the leader and restart it; then SIGSTOP a node and SIGCONT it:
+    the leader on even rounds (a deposed leader that wakes up still believes it leads:
+    the case pysyncobj gets wrong for up to `leaderFallbackTimeout`), a random node on odd
+    ones. Logged with monotonic times, to read next to the history."""
+
+    def note(text: str) -> None:
+        log.append((time.monotonic(), text))
+
+    for round_number in range(rounds):
+        time.sleep(period * 0.15)
+        leader = cluster.leader(timeout=10)
+        note(f"kill -9 leader {leader}")
+        cluster.kill(leader)
+        time.sleep(period * 0.2)
+        note(f"restart {leader}")
+        cluster.restart(leader, wait=True, timeout=30)
+        note(f"{leader} healthy again")
+        time.sleep(period * 0.1)
+        frozen = cluster.leader(timeout=10) if round_number % 2 == 0 else rng.choice(sorted(cluster.nodes))
+        note(f"SIGSTOP {frozen}" + (" (the leader)" if round_number % 2 == 0 else ""))
+        cluster.pause(frozen)
+        time.sleep(period * 0.25)
+        note(f"SIGCONT {frozen}")
+        cluster.resume(frozen)
+        time.sleep(period * 0.15)
+
+
+def _history_under_faults(cluster, tmp_path: Path, duration: float, rounds: int, seed: int) -> None:
+    wait_for_write(cluster)
+    recorder = HistoryRecorder()
+    # The workload runs until the faults are over and then AFTERMATH_SECONDS more (to see
+    # the cluster serve again); its own duration is only a bound.
+    config = WorkloadConfig(clients=5, keys=("k0", "k1", "k2"), duration=duration * 2 + 60, timeout_ms=1000, seed=seed)
+    workload = Workload(cluster.urls, recorder, config)
+    log: list[tuple[float, str]] = []
+    workload.start()
+    try:
+        _nemesis(cluster, rounds, duration / rounds, random.Random(seed), log)
+        time.sleep(AFTERMATH_SECONDS)
+    finally:
+        workload.stop()
+        workload.join()
+    ops = recorder.history()
+    path = _save_history(ops, tmp_path, "cp-history")
+    faults = "\n".join(f"  {at:.3f} {text}" for at, text in log)
+    report = f"history: {path}\nfaults (monotonic seconds, as in the history):\n{faults}\nworkload:\n{workload.summary()}"
+    print(report)
+    verdict = linearizability.check(ops)
+    print(verdict)
+    assert verdict.result != linearizability.NOT_LINEARIZABLE, f"{verdict}\n{report}"
+    problems = check_revisions(ops)
+    assert problems == [], "\n".join(problems) + "\n" + report
+    assert workload.unexpected == [], "\n".join(workload.unexpected) + "\n" + report
+    ok = [op for op in ops if op.outcome == "ok"]
+    assert len(ok) > 50, f"too little got through to judge anything\n{report}"
+    assert any(op.op != "read" for op in ok) and any(op.op == "read" for op in ok), report
+    # The cluster served again after the last fault.
+    last_fault = log[-1][0]
+    assert any(op.invoke > last_fault for op in ok), f"nothing succeeded after the last fault\n{report}"
+    assert verdict.result == linearizability.LINEARIZABLE, f"the checker gave up: {verdict}\n{report}"
+
+
+def test_history_is_linearizable_through_leader_kill_and_pause(cp_cluster, tmp_path):
+    _history_under_faults(cp_cluster(sync="always"), tmp_path, duration=24.0, rounds=2, seed=1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_long_history_is_linearizable_through_repeated_faults(cp_cluster, tmp_path):
+    _history_under_faults(cp_cluster(sync="always"), tmp_path, duration=300.0, rounds=20, seed=int(time.time()))

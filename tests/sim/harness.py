@@ -1,0 +1,249 @@
+"""One seeded simulation of an ap cluster: nodes, clients, faults, then the checks.
+
+    result = simulate(seed=7, conflicts="vclock")
+    result.lost_acked      # acknowledged writes that vanished although no context covered them
+    result.diverged        # keys whose primaries still differ after heal + handoff + repair
+
+The run: 5 nodes (N=3 R=2 W=2) on a SimNetwork with delay, loss and duplication; clients
+do blind writes, read-modify-writes with their last read's context, deletes with context
+and reads on a few hot keys, through random nodes; a fault schedule partitions the
+network, crashes and restarts nodes (their engine survives: a process crash, not a disk
+loss). Then everything heals, time passes for handoff, every key is read with r=N (read
+repair), and the checker compares each key's final siblings with the history:
+
+* every acknowledged write must still be a sibling unless some later write's context had
+  seen it (a write that was attempted, acked or not, may have superseded what it saw);
+* no sibling may hold a value nobody wrote;
+* all primaries must hold the same version (convergence).
+
+`lww` mode keeps one sibling per key, so it loses concurrent acked writes: `lost_acked`
+counts them (vclock mode must lose none).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+
+from api.service import Member, NodeConfig, ServiceError
+from dynamo.coordinator import CoordinatorLimits
+from dynamo.service import APOptions, DynamoService
+from engines.memory import MemoryEngine
+
+from .network import SimNetwork
+from .vloop import run
+
+NODES = ["n1", "n2", "n3", "n4", "n5"]
+OPTIONS = APOptions(
+    probe_interval_s=0.2,
+    handoff_interval_s=0.1,
+    coordinator=CoordinatorLimits(peer_timeout_s=0.2, read_repair_wait_s=0.2),
+)
+
+
+class DurableMemoryEngine(MemoryEngine):
+    """A memory engine that survives its node's crash (close is a no-op)."""
+
+    def close(self) -> None:
+        pass
+
+
+@dataclasses.dataclass
+class Write:
+    key: bytes
+    value: bytes | None  # None: delete
+    saw: frozenset  # values the context's read had seen (superseded if applied)
+    ok: bool | None = None
+
+
+@dataclasses.dataclass
+class SimResult:
+    seed: int
+    conflicts: str
+    writes: int
+    acked: int
+    lost_acked: int
+    lost_examples: list
+    invented: int
+    diverged: list
+    max_siblings: int
+    messages: int
+    virtual_seconds: float
+    final: dict
+    faults: dict
+
+    def failed(self) -> bool:
+        return bool(self.invented or self.diverged or (self.conflicts == "vclock" and self.lost_acked))
+
+
+class SimCluster:
+    def __init__(self, seed: int, conflicts: str, drop: float, duplicate: float, skew_s: float, hinted_handoff: bool = True):
+        self.rng = random.Random(seed)
+        self.network = SimNetwork(random.Random(self.rng.getrandbits(64)), drop=drop, duplicate=duplicate)
+        self.engines = {n: DurableMemoryEngine() for n in NODES}
+        self.skew = {n: self.rng.uniform(-skew_s, skew_s) for n in NODES}
+        self.conflicts = conflicts
+        self.hinted_handoff = hinted_handoff
+        self.members = tuple(Member(n, f"http://{n}", f"{n}:1") for n in NODES)
+        self.services: dict[str, DynamoService] = {}
+        self.faults = {"partitions": 0, "crashes": 0, "hints_delivered": 0, "read_repairs": 0, "handoff_deleted": 0, "epochs": 0}
+
+    async def start(self, node: str) -> None:
+        loop = asyncio.get_running_loop()
+        config = NodeConfig(node_id=node, members=self.members, secret="sim", data_dir="/nonexistent", engine="memory",
+                            conflicts=self.conflicts, hinted_handoff=self.hinted_handoff)
+        service = DynamoService(
+            config,
+            transport=self.network.transport(node),
+            wall_clock=lambda: 1_700_000_000.0 + loop.time() + self.skew[node],
+            rng=random.Random(self.rng.getrandbits(64)),
+            options=OPTIONS,
+            engine=self.engines[node],
+        )
+        await service.start()
+        self.services[node] = service
+        self.network.handlers[node] = service.handle
+        self.network.crashed.discard(node)
+
+    async def crash(self, node: str) -> None:
+        self.network.crashed.add(node)
+        service = self.services.pop(node)
+        self._collect(service)
+        self.faults["crashes"] += 1
+        await service.stop()
+
+    def _collect(self, service: DynamoService) -> None:
+        metrics = service.metrics()
+        self.faults["hints_delivered"] += metrics["ap_hints_delivered_total"]
+        self.faults["read_repairs"] += metrics["ap_read_repairs_total"]
+        self.faults["handoff_deleted"] += metrics["ap_handoff_deleted_total"]
+        self.faults["epochs"] += metrics["ap_actor_epochs_total"]
+
+    def alive(self) -> list[str]:
+        return sorted(self.services)
+
+
+async def _simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults, hinted_handoff, skew_s):
+    sim = SimCluster(seed, conflicts, drop, duplicate, skew_s=skew_s, hinted_handoff=hinted_handoff)
+    rng = sim.rng
+    for node in NODES:
+        await sim.start(node)
+    key_names = [b"key-%d" % i for i in range(keys)]
+    history: list[Write] = []
+    max_siblings = 0
+    remaining = [ops]
+
+    async def client(cid: int) -> None:
+        nonlocal max_siblings
+        last_read: dict[bytes, tuple[str, frozenset]] = {}
+        seq = 0
+        while remaining[0] > 0:
+            remaining[0] -= 1
+            await asyncio.sleep(rng.uniform(0.0, 0.15))
+            alive = sim.alive()
+            if not alive:
+                continue
+            node = sim.services[rng.choice(alive)]
+            key = rng.choice(key_names)
+            roll = rng.random()
+            try:
+                if roll < 0.3 or key not in last_read:
+                    read = await node.get(key, timeout=1.0)
+                    max_siblings = max(max_siblings, len(read.siblings))
+                    last_read[key] = (read.context, frozenset(read.siblings))
+                    continue
+                seq += 1
+                value = b"c%d-%d" % (cid, seq)
+                if roll < 0.55:  # blind write
+                    write = Write(key, value, frozenset())
+                    context = None
+                else:
+                    context, saw = last_read.pop(key)
+                    write = Write(key, None if roll > 0.93 else value, saw)
+                history.append(write)
+                if write.value is None:
+                    await node.delete(key, context=context, timeout=1.0)
+                else:
+                    await node.put(key, value, context=context, timeout=1.0)
+                write.ok = True
+            except ServiceError:
+                if history and history[-1].ok is None:
+                    history[-1].ok = False
+
+    async def nemesis() -> None:
+        if not faults:
+            return
+        while remaining[0] > 0:
+            await asyncio.sleep(rng.uniform(0.1, 0.6))
+            kind = rng.random()
+            if kind < 0.4:
+                split = rng.sample(NODES, rng.choice([1, 2]))
+                sim.network.partition(split, [n for n in NODES if n not in split])
+                sim.faults["partitions"] += 1
+                await asyncio.sleep(rng.uniform(0.3, 2.0))
+                sim.network.heal()
+            elif kind < 0.8 and len(sim.alive()) > 3:
+                victim = rng.choice(sim.alive())
+                await sim.crash(victim)
+                await asyncio.sleep(rng.uniform(0.3, 2.0))
+                await sim.start(victim)
+
+    await asyncio.gather(nemesis(), *(client(i) for i in range(clients)))
+    # heal everything and let hints flow
+    sim.network.heal()
+    sim.network.drop = sim.network.duplicate = 0.0
+    for node in NODES:
+        if node not in sim.services:
+            await sim.start(node)
+    await asyncio.sleep(5.0)
+    final: dict[bytes, list[bytes]] = {}
+    reader = sim.services["n1"]
+    for key in key_names:
+        read = await reader.get(key, r=3, timeout=5.0)
+        final[key] = read.siblings
+        max_siblings = max(max_siblings, len(read.siblings))
+    await asyncio.sleep(2.0)  # read repair
+    diverged = []
+    for key in key_names:
+        primaries = reader.preflist(key)["preference_list"]
+        objects = [sim.services[p].replica.fetch(key) for p in primaries]
+        if any(obj is None for obj in objects) and any(obj is not None for obj in objects):
+            diverged.append(key)
+        elif objects[0] is not None and not all(objects[0].same_as(obj) for obj in objects[1:]):
+            diverged.append(key)
+    for service in sim.services.values():
+        service.replica._check()
+        service.detector._check()
+    # the checker
+    written = {w.value for w in history if w.value is not None}
+    superseded: dict[bytes, set] = {}
+    for w in history:
+        superseded.setdefault(w.key, set()).update(w.saw)
+    lost = [w for w in history if w.ok and w.value is not None and w.value not in superseded.get(w.key, ()) and w.value not in final[w.key]]
+    invented = sum(1 for key in key_names for v in final[key] if v not in written)
+    for node in list(sim.services):
+        sim._collect(sim.services[node])
+        await sim.services[node].stop()
+    await sim.network.drain()
+    return SimResult(
+        seed=seed,
+        conflicts=conflicts,
+        writes=len(history),
+        acked=sum(1 for w in history if w.ok),
+        lost_acked=len(lost),
+        lost_examples=[(w.key, w.value) for w in lost[:5]],
+        invented=invented,
+        diverged=diverged,
+        max_siblings=max_siblings,
+        messages=sim.network.messages,
+        virtual_seconds=round(asyncio.get_running_loop().time(), 3),
+        final={k: sorted(v) for k, v in final.items()},
+        faults=sim.faults,
+    )
+
+
+def simulate(seed: int, conflicts: str = "vclock", *, ops: int = 200, clients: int = 4, keys: int = 3,
+             drop: float = 0.02, duplicate: float = 0.02, faults: bool = True, hinted_handoff: bool = True,
+             skew_s: float = 0.05) -> SimResult:
+    """One run; `skew_s` bounds each node's wall-clock offset (what lww orders by)."""
+    return run(_simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults, hinted_handoff, skew_s))

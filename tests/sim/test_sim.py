@@ -1,0 +1,82 @@
+"""The ap protocol under a seeded simulated network and clock (see harness.py).
+
+A failing seed replays exactly: `python -c "from tests.sim.harness import simulate;
+print(simulate(SEED))"` (add `conflicts="lww"`, `drop=...` as the failing test did).
+"""
+import pytest
+
+from dynamo import versions
+
+from .harness import simulate
+
+QUICK_SEEDS = range(0, 24)
+
+
+def _check(result):
+    assert not result.failed(), (
+        f"seed {result.seed} ({result.conflicts}) failed: lost {result.lost_acked} acked writes "
+        f"{result.lost_examples}, invented {result.invented}, diverged {result.diverged}; "
+        f"replay with simulate({result.seed}, {result.conflicts!r})"
+    )
+
+
+@pytest.mark.parametrize("seed", QUICK_SEEDS)
+def test_vclock_mode_loses_no_acknowledged_write_and_converges(seed):
+    result = simulate(seed, "vclock")
+    _check(result)
+    assert result.acked > 20 and result.faults["crashes"] + result.faults["partitions"] >= 1
+
+
+def test_lww_loses_concurrent_writes_that_vclock_keeps():
+    counts = {"vclock": [0, 0], "lww": [0, 0]}
+    for seed in range(10):
+        for mode in counts:
+            result = simulate(seed, mode, faults=False, drop=0.0, duplicate=0.0)
+            assert not result.invented and not result.diverged, (seed, mode)
+            counts[mode][0] += result.acked
+            counts[mode][1] += result.lost_acked
+            if mode == "lww":
+                assert result.max_siblings <= 1
+    print(f"\nacked writes lost over 10 seeds (no faults): vclock {counts['vclock'][1]}/{counts['vclock'][0]}, "
+          f"lww {counts['lww'][1]}/{counts['lww'][0]}")
+    assert counts["vclock"][1] == 0
+    assert counts["lww"][1] > 0.1 * counts["lww"][0]
+
+
+def test_a_seed_replays_exactly():
+    a, b = simulate(3), simulate(3)
+    assert (a.messages, a.virtual_seconds, a.final, a.acked) == (b.messages, b.virtual_seconds, b.final, b.acked)
+
+
+def test_the_checker_catches_a_merge_that_drops_siblings(monkeypatch):
+    def keep_newest_clock_only(a, b, *, lww=False):
+        if a is None or b is None:
+            return a or b
+        return a if len(a.clock) >= len(b.clock) else b
+
+    monkeypatch.setattr(versions, "merge", keep_newest_clock_only)
+    results = [simulate(seed) for seed in range(3)]
+    assert any(r.failed() for r in results)
+
+
+def test_the_checker_catches_dot_reuse_without_actor_epochs(monkeypatch):
+    """Riak's doomstone: a node that deletes its handed-off copy and keeps its actor mints
+    a dot it already used, and replicas that saw the old one drop the new write."""
+    from dynamo.node import Replica
+
+    monkeypatch.setattr(Replica, "new_epoch", lambda self: self.actor)
+    results = [simulate(seed) for seed in range(10)]
+    assert any(r.lost_acked for r in results)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", range(10))
+def test_many_seeds_under_heavy_faults(chunk):
+    for seed in range(1000 + chunk * 40, 1000 + (chunk + 1) * 40):
+        _check(simulate(seed, "vclock", ops=400, drop=0.1, duplicate=0.1, clients=6))
+
+
+@pytest.mark.parametrize("seed", range(100, 106))
+def test_strict_quorum_without_handoff_loses_nothing_either(seed):
+    """Without sloppy quorum more writes fail (503), but none that was acked may vanish."""
+    _check(simulate(seed, "vclock", hinted_handoff=False))
