@@ -26,7 +26,7 @@ from typing import AsyncIterator
 from aiohttp import web
 
 from api.errors import error_response, service_error_response
-from api.routes import cluster, cp_only, kv, meta
+from api.routes import cluster, cp_only, etcd_v3, kv, meta, watch
 from api.routes.common import CONFIG_KEY, LIMITS_KEY, SERVICE_KEY, VERSION_KEY, ApiLimits
 from api.routes.meta import METRICS_KEY, HttpMetrics, capkv_version
 from api.service import NodeConfig, ServiceError
@@ -34,7 +34,7 @@ from api.service import NodeConfig, ServiceError
 log = logging.getLogger("capkv.api")
 
 # Route modules in registration order; each has add_routes(app).
-ROUTE_MODULES = (meta, kv, cluster, cp_only)
+ROUTE_MODULES = (meta, kv, cluster, cp_only, watch, etcd_v3)
 
 
 def make_app(service, config: NodeConfig, *, limits: ApiLimits | None = None, version: str | None = None) -> web.Application:
@@ -122,6 +122,13 @@ async def _capkv_middleware(request: web.Request, handler) -> web.StreamResponse
 def _http_exception_response(request: web.Request, exc: web.HTTPException) -> web.StreamResponse:
     if exc.status < 400:  # redirects and the like pass through unchanged
         raise exc
+    if etcd_v3.is_gateway_path(request.path) and exc.status in (404, 405):
+        # etcd's gateway answers these in plain text (037-unknown-path.txt, 036-range-get-method.txt,
+        # 017-put-v3alpha-path.txt); clients of the gateway expect that, not capkv's JSON.
+        text = "Method Not Allowed\n" if exc.status == 405 else (
+            "404 page not found\n" if request.path.startswith("/v3alpha/") else "Not Found\n")
+        return web.Response(status=exc.status, text=text, content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
     if isinstance(exc, web.HTTPMethodNotAllowed):
         allowed = sorted(m for m in exc.allowed_methods if m != "HEAD")
         return error_response(

@@ -8,12 +8,18 @@
     capkv ls config/                           # keys under a prefix
     capkv del config/ --prefix
     capkv cluster
+    capkv watch config/ --prefix --rev 1       # cp: events as they come (Ctrl-C stops)
+    capkv txn transfer.json                    # cp: an atomic txn from a JSON file (- for stdin)
+    capkv lease grant 30; capkv lease keepalive 7587869960372000001; capkv lease ls
+    capkv member ls; capkv member add n4 http://127.0.0.1:42379 127.0.0.1:42380
+    capkv compact 100                          # cp: drop history below revision 100
     capkv serve --mode cp --cluster c.toml --node n1 --data-dir /var/lib/capkv
 
 Exit codes (scripts can rely on them):
 
     0  success
-    1  the key was not found, or a compare (--if-mod-revision) did not hold
+    1  the key was not found (or a lease), a compare (--if-mod-revision) did not hold,
+       or a txn took its failure branch
     2  usage error: a bad flag, cluster file or argument, or a request the server refused
        as invalid (400, 413, 501)
     3  unavailable or outcome unknown: no node answered, no quorum/leader (503), or a
@@ -156,7 +162,58 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--keys-only", action="store_true", help="cp: keys without values")
 
     client_parser("cluster", "show the cluster's members, leader or ring")
+
+    watch = client_parser("watch", "cp: print events on a key (or, with --prefix, under it) as they come")
+    watch.add_argument("key")
+    watch.add_argument("--prefix", action="store_true", help="watch every key starting with KEY")
+    watch.add_argument("--rev", type=_positive_int, default=None,
+                       help="replay history from this revision first (410 when it was compacted)")
+    watch.add_argument("--prev", action="store_true", help="show each event's previous value")
+    watch.add_argument("--progress", action="store_true", help="also print the progress events of an idle watch")
+    watch.add_argument("--max-events", type=_positive_int, default=None, help="stop after this many events")
+
+    txn = client_parser("txn", "cp: run an atomic txn from a JSON file ('-' or nothing: stdin)")
+    txn.add_argument("file", nargs="?", default="-",
+                     help='{"compare": [...], "success": [...], "failure": [...]} as POST /v1/txn takes it')
+
+    lease = client_parser("lease", "cp: grant, keep alive, revoke and list leases")
+    lease_sub = lease.add_subparsers(dest="lease_command", metavar="grant|keepalive|revoke|ls|info", required=True)
+    grant = lease_sub.add_parser("grant", help="grant a lease of TTL seconds; prints its id")
+    grant.add_argument("ttl", type=_positive_int)
+    keepalive = lease_sub.add_parser("keepalive", help="keep a lease alive (every ttl/3 until Ctrl-C, or --once)")
+    keepalive.add_argument("id", type=_positive_int)
+    keepalive.add_argument("--once", action="store_true", help="refresh once and exit")
+    revoke = lease_sub.add_parser("revoke", help="revoke a lease: its keys are deleted")
+    revoke.add_argument("id", type=_positive_int)
+    info = lease_sub.add_parser("info", help="a lease's time left and keys")
+    info.add_argument("id", type=_positive_int)
+    lease_sub.add_parser("ls", help="list the leases")
+    for p in lease_sub.choices.values():
+        _client_options(p)
+
+    member = client_parser("member", "list, add or remove cluster members (one change at a time)")
+    member_sub = member.add_subparsers(dest="member_command", metavar="ls|add|remove", required=True)
+    member_add = member_sub.add_parser("add", help="add a member")
+    member_add.add_argument("id")
+    member_add.add_argument("client_url", help="its client URL, like http://127.0.0.1:42379")
+    member_add.add_argument("peer_address", help="its peer host:port, like 127.0.0.1:42380")
+    member_remove = member_sub.add_parser("remove", help="remove a member")
+    member_remove.add_argument("id")
+    member_sub.add_parser("ls", help="list the members")
+    for p in member_sub.choices.values():
+        _client_options(p)
+
+    compact = client_parser("compact", "cp: drop history and old revisions below REV")
+    compact.add_argument("rev", type=_positive_int)
     return parser
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    """The client flags again on a sub-subcommand, so they work after it too
+    (`capkv lease ls -o json`); SUPPRESS keeps the value given before it."""
+    p.add_argument("--endpoints", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("-o", "--output", choices=("text", "json"), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -463,6 +520,18 @@ def run_client_command(args: argparse.Namespace) -> int:
         if args.command == "cluster":
             out.emit(client.cluster(), _format_cluster)
             return EXIT_OK
+        if args.command == "watch":
+            return _cmd_watch(client, args, out)
+        if args.command == "txn":
+            return _cmd_txn(client, args, out)
+        if args.command == "lease":
+            return _cmd_lease(client, args, out)
+        if args.command == "member":
+            return _cmd_member(client, args, out)
+        if args.command == "compact":
+            out.emit(client.compact(args.rev), lambda p: f"compacted below revision {p['compact_revision']} "
+                                                       f"(store at revision {p['revision']})")  # fmt: skip
+            return EXIT_OK
         raise UsageError(f"unknown command {args.command}")
     except KeyNotFound as exc:
         out.error(exc)
@@ -598,6 +667,116 @@ def _format_ls(p: dict) -> str:
     if p.get("partial"):
         lines.append("(partial: some ranges of the ring did not answer)")
     return "\n".join(lines)
+
+
+def _cmd_watch(client, args, out: _Output) -> int:
+    """Print events as they come, flushed at once (so `capkv watch ... | grep` works)."""
+    target = {"prefix": args.key} if args.prefix else {"key": args.key}
+    seen = 0
+    try:
+        for event in client.watch(start_revision=args.rev, prev=args.prev, **target):
+            if event.get("type") == "progress" and not args.progress:
+                continue
+            if out.fmt == "json":
+                print(json.dumps(event, sort_keys=True), flush=True)
+            else:
+                print(_format_event(event), flush=True)
+            seen += event.get("type") in ("put", "delete")
+            if args.max_events and seen >= args.max_events:
+                return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
+
+
+def _format_event(e: dict) -> str:
+    kind = e.get("type")
+    if kind == "progress":
+        return f"PROGRESS revision {e.get('revision')}"
+    if kind == "canceled":
+        extra = f", compact_revision {e['compact_revision']}" if e.get("compact_revision") else ""
+        return f"CANCELED {e.get('reason', '')} (revision {e.get('revision')}{extra})"
+    line = f"{kind.upper()} {_text_of(e, 'key')}"
+    if kind == "put":
+        line += f" = {_text_of(e)}"
+    line += f"  (revision {e.get('mod_revision')})"
+    if e.get("prev"):
+        line += f"  prev: {_text_of(e['prev'])}"
+    return line
+
+
+def _cmd_txn(client, args, out: _Output) -> int:
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{args.file} is not JSON ({exc}); give {{\"compare\": [...], \"success\": [...], "
+                         f"\"failure\": [...]}}") from None
+    if not isinstance(body, dict):
+        raise UsageError("the txn must be a JSON object with compare, success and failure")
+    payload = client.request("POST", "/v1/txn", body=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
+                             write=True, query={"timeout_ms": int(args.timeout * 1000)})  # fmt: skip
+    out.emit(payload, _format_txn)
+    return EXIT_OK if payload.get("succeeded") else EXIT_NOT_FOUND
+
+
+def _format_txn(p: dict, indent: str = "") -> str:
+    lines = [f"{indent}{'SUCCEEDED' if p.get('succeeded') else 'FAILED (failure branch)'} at revision {p.get('revision')}"]
+    for r in p.get("responses", []):
+        if r["op"] == "get":
+            lines.append(f"{indent}  get: {r['count']} key(s)")
+            lines += [f"{indent}    {_text_of(i, 'key')}\t{_text_of(i)}" for i in r.get("items", [])]
+        elif r["op"] == "put":
+            lines.append(f"{indent}  put: OK revision {r['revision']}{' (created)' if r.get('created') else ''}")
+        elif r["op"] == "delete":
+            lines.append(f"{indent}  delete: {r['deleted']} deleted")
+        else:
+            lines.append(_format_txn(r, indent + "  "))
+    return "\n".join(lines)
+
+
+def _cmd_lease(client, args, out: _Output) -> int:
+    import time as _time
+
+    command = args.lease_command
+    if command == "grant":
+        out.emit(client.lease_grant(args.ttl), lambda p: f"lease {p['id']} granted with TTL {p['ttl']}s")
+    elif command == "revoke":
+        out.emit(client.lease_revoke(args.id), lambda p: f"lease {p['id']} revoked (revision {p['revision']})")
+    elif command == "info":
+        out.emit(client.lease_info(args.id), lambda p: f"lease {p['id']}: {p['ttl']}s left of {p['granted_ttl']}s; "
+                                                       f"keys: {', '.join(p.get('keys', [])) or '(none)'}")  # fmt: skip
+    elif command == "ls":
+        leases = client.leases()
+        out.emit({"leases": leases}, lambda p: "\n".join(f"{l['id']}\t{l['ttl']}s left of {l['granted_ttl']}s"
+                                                         for l in p["leases"]) or "(no leases)")  # fmt: skip
+    else:
+        try:
+            while True:
+                answer = client.lease_keepalive(args.id)
+                out.emit(answer, lambda p: f"lease {p['id']} kept alive, TTL {p['ttl']}s")
+                sys.stdout.flush()
+                if args.once:
+                    break
+                _time.sleep(max(0.5, answer.get("ttl", 3) / 3))
+        except KeyboardInterrupt:
+            return EXIT_OK
+    return EXIT_OK
+
+
+def _cmd_member(client, args, out: _Output) -> int:
+    command = args.member_command
+    if command == "ls":
+        out.emit(client.cluster(), _format_cluster)
+    elif command == "add":
+        out.emit(client.add_member(args.id, args.client_url, args.peer_address),
+                 lambda p: f"member {args.id} added: {json.dumps(p, sort_keys=True)}")  # fmt: skip
+    else:
+        out.emit(client.remove_member(args.id), lambda p: f"member {args.id} removed: {json.dumps(p, sort_keys=True)}")
+    return EXIT_OK
 
 
 def _format_cluster(p: dict) -> str:

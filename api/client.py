@@ -19,6 +19,13 @@ When to try another endpoint (`retry_decision`, pure):
   passes `request_id=False`), so retries are safe by default; without one the client
   raises `OutcomeUnknown` and lets the caller decide.
 
+cp extras: `txn`, `lease_grant|keepalive|info|revoke`, `leases`, `compact`, and `watch`,
+a generator of events that reconnects to the next endpoint from the last revision seen
++ 1 when its stream drops (a node killed, a leader changed), so nothing is missed:
+
+    for event in client.watch(prefix="config/", start_revision=1):
+        ...
+
 Attempts are bounded (`max_attempts`, default two rounds over the endpoints) with a short
 backoff between rounds. Errors are typed after API.md's codes (`KeyNotFound`,
 `PreconditionFailed`, ...); each carries `status`, `code`, `message` and `details`.
@@ -324,6 +331,77 @@ class _Base:
         return query, headers
 
 
+JSON_HEADERS = {"Content-Type": "application/json"}
+# A watch stream shows a progress event at least every 10 s; silence for longer than
+# this means the connection is dead, and the watch reconnects.
+WATCH_IDLE_TIMEOUT_SECONDS = 25.0
+MAX_WATCH_LINE_BYTES = 8 * 1024 * 1024
+
+
+class _WatchLost(Exception):
+    """The watch stream ended without the server canceling it: reconnect."""
+
+
+class WatchPlan:
+    """Where a watch resumes: the revision after the last event it delivered (pure).
+
+        >>> plan = WatchPlan("k", None, 5, False, None)
+        >>> plan.saw({"type": "put", "mod_revision": 7}); plan.start_revision
+        8
+        >>> plan.target()
+        '/v1/watch/k?start_revision=8'
+    """
+
+    def __init__(self, key, prefix, start_revision: int | None, prev: bool, progress_ms: int | None):
+        if (key is None) == (prefix is None):
+            raise ValueError("watch a key or a prefix: give exactly one of key and prefix")
+        self.key = key
+        self.prefix = prefix
+        self.start_revision = start_revision
+        self.prev = prev
+        self.progress_ms = progress_ms
+
+    def saw(self, event: Mapping[str, Any]) -> None:
+        if event.get("type") in ("put", "delete"):
+            self.start_revision = int(event["mod_revision"]) + 1
+        elif event.get("type") == "progress" and self.start_revision is None:
+            # Nothing seen yet: resume after what the store had when we were told.
+            self.start_revision = int(event["revision"]) + 1
+
+    def target(self) -> str:
+        query: dict[str, Any] = {"start_revision": self.start_revision, "prev": self.prev or None,
+                                 "progress_ms": self.progress_ms}  # fmt: skip
+        if self.prefix is not None:
+            prefix = self.prefix.decode("utf-8") if isinstance(self.prefix, bytes) else self.prefix
+            items = [("prefix", prefix)] + [(k, "true" if v is True else str(v)) for k, v in query.items() if v is not None]
+            return "/v1/watch?" + urllib.parse.urlencode(items, quote_via=urllib.parse.quote)
+        return key_path(self.key, "/v1/watch/") + _query_string(query)
+
+
+def _check_canceled(event: Mapping[str, Any], endpoint: str) -> None:
+    """A canceled watch: compacted history is final; anything else (node stopping, too
+    slow) is worth resuming elsewhere from the last revision seen + 1."""
+    if event.get("type") != "canceled":
+        return
+    if event.get("compact_revision"):
+        raise Compacted(f"the watch needs history that was compacted ({event.get('reason', '')})", endpoint=endpoint,
+                        compact_revision=event["compact_revision"])  # fmt: skip
+    raise _WatchLost(f"the server canceled the watch: {event.get('reason', '')}")
+
+
+def _txn_request(compare, success, failure, timeout_ms: int) -> tuple[bytes, dict]:
+    body = {"compare": list(compare or []), "success": list(success or []), "failure": list(failure or [])}
+    return json.dumps(body).encode(), {"timeout_ms": timeout_ms}
+
+
+def _lease_body(ttl: int, lease_id: int | None) -> bytes:
+    body: dict[str, Any] = {"ttl": int(ttl)}
+    if lease_id:
+        body["id"] = int(lease_id)
+    return json.dumps(body).encode()
+
+
+
 # --- sync client ----------------------------------------------------------------------------------
 
 
@@ -481,6 +559,100 @@ class Client(_Base):
     def remove_member(self, member_id: str) -> dict:
         return self.request("DELETE", "/v1/cluster/members/" + urllib.parse.quote(member_id, safe=""))
 
+    # --- cp: transactions, leases, compaction (CPExtras) ---
+
+    def txn(self, compare: list | None = None, success: list | None = None, failure: list | None = None, *,
+            request_id: str | bool | None = None, timeout_ms: int | None = None) -> dict:  # fmt: skip
+        """An atomic txn (POST /v1/txn, the JSON of API.md): {succeeded, revision, responses}.
+
+            client.txn([{"key": "lock", "target": "version", "op": "==", "value": 0}],
+                       [{"op": "put", "key": "lock", "value": "me"}])
+        """
+        body, query = _txn_request(compare, success, failure, self._timeout_ms(timeout_ms))
+        return self.request("POST", "/v1/txn", query=query, body=body, headers=JSON_HEADERS, write=True,
+                            request_id=request_id)  # fmt: skip
+
+    def lease_grant(self, ttl: int, *, lease_id: int | None = None) -> dict:
+        """{id, ttl}. A grant is not idempotent: it is not retried once sent."""
+        return self.request("POST", "/v1/leases", body=_lease_body(ttl, lease_id), headers=JSON_HEADERS,
+                            write=True, request_id=False)  # fmt: skip
+
+    def lease_keepalive(self, lease_id: int) -> dict:
+        """{id, ttl, granted_ttl}; NotFound (lease_not_found) once the lease is gone."""
+        return self.request("POST", f"/v1/leases/{int(lease_id)}/keepalive", write=True, request_id=False)
+
+    def lease_info(self, lease_id: int) -> dict:
+        """{id, ttl, granted_ttl, keys}; NotFound (lease_not_found) when it does not exist."""
+        return self.request("GET", f"/v1/leases/{int(lease_id)}")
+
+    def lease_revoke(self, lease_id: int) -> dict:
+        return self.request("DELETE", f"/v1/leases/{int(lease_id)}", write=True, request_id=False)
+
+    def leases(self) -> list[dict]:
+        return self.request("GET", "/v1/leases")["leases"]
+
+    def compact(self, revision: int) -> dict:
+        body = json.dumps({"revision": int(revision)}).encode()
+        return self.request("POST", "/v1/compact", body=body, headers=JSON_HEADERS, write=True, request_id=False)
+
+    # --- cp: watch ---
+
+    def watch(self, key: str | bytes | None = None, *, prefix: str | bytes | None = None, start_revision: int | None = None,
+              prev: bool = False, progress_ms: int | None = None, reconnect: bool = True,
+              idle_timeout: float = WATCH_IDLE_TIMEOUT_SECONDS):  # fmt: skip
+        """Events as they come (dicts as API.md shows them, progress events included), from
+        `start_revision` if given. When the connection drops (a node dies, a leader
+        changes) or the server cancels the watch (node stopping, this watcher too slow),
+        it reconnects to the next endpoint from the last revision seen + 1, so nothing is
+        missed or repeated; `reconnect=False` raises `Unavailable` instead. Raises
+        `Compacted` when the history it needs is gone. Close the generator to stop.
+
+            for event in client.watch(prefix="config/", start_revision=1):
+                print(event["type"], event.get("key"))
+        """
+        plan = WatchPlan(key, prefix, start_revision, prev, progress_ms)
+        failures = 0
+        index = self._preferred
+        while True:
+            endpoint = self.endpoints[index % len(self.endpoints)]
+            try:
+                for event in self._watch_once(endpoint, plan.target(), idle_timeout):
+                    _check_canceled(event, endpoint)
+                    failures = 0
+                    plan.saw(event)
+                    yield event
+            except (OSError, http.client.HTTPException, _WatchLost) as exc:
+                if not reconnect:
+                    raise Unavailable(f"the watch on {endpoint} ended: {exc}", status=0, endpoint=endpoint) from None
+                failures += 1
+                if failures > self.max_attempts:
+                    raise Unavailable(f"no endpoint keeps a watch open ({exc})", status=0, endpoint=endpoint) from None
+                index += 1
+                if failures % len(self.endpoints) == 0:
+                    time.sleep(min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (failures // len(self.endpoints))))
+
+    def _watch_once(self, endpoint: str, target: str, idle_timeout: float):
+        parts = urllib.parse.urlsplit(endpoint)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=self.socket_timeout)
+        try:
+            conn.request("GET", target, headers={"Accept": "application/x-ndjson"})
+            response = conn.getresponse()
+            if response.status != 200:
+                data = response.read(MAX_RESPONSE_BYTES)
+                error = error_from_response(response.status, _decode(data, response.getheader("content-type", "")), endpoint)
+                if response.status == 503:
+                    raise _WatchLost(str(error))
+                raise error
+            conn.sock.settimeout(idle_timeout)
+            while True:
+                line = response.readline(MAX_WATCH_LINE_BYTES)
+                if not line:
+                    raise _WatchLost("the server closed the stream")
+                if line.strip():
+                    yield json.loads(line)
+        finally:
+            conn.close()
+
     def health(self, endpoint: str | None = None) -> bool:
         """True when `endpoint` (default: any) answers /healthz with 200."""
         endpoints = [endpoint] if endpoint else self.endpoints
@@ -612,6 +784,76 @@ class AsyncClient(_Base):
         return await self.request("DELETE", "/v1/cluster/members/" + urllib.parse.quote(member_id, safe=""))
 
 
+    async def txn(self, compare=None, success=None, failure=None, *, request_id=None, timeout_ms=None) -> dict:
+        body, query = _txn_request(compare, success, failure, self._timeout_ms(timeout_ms))
+        return await self.request("POST", "/v1/txn", query=query, body=body, headers=JSON_HEADERS, write=True,
+                                  request_id=request_id)  # fmt: skip
+
+    async def lease_grant(self, ttl: int, *, lease_id: int | None = None) -> dict:
+        return await self.request("POST", "/v1/leases", body=_lease_body(ttl, lease_id), headers=JSON_HEADERS,
+                                  write=True, request_id=False)  # fmt: skip
+
+    async def lease_keepalive(self, lease_id: int) -> dict:
+        return await self.request("POST", f"/v1/leases/{int(lease_id)}/keepalive", write=True, request_id=False)
+
+    async def lease_info(self, lease_id: int) -> dict:
+        return await self.request("GET", f"/v1/leases/{int(lease_id)}")
+
+    async def lease_revoke(self, lease_id: int) -> dict:
+        return await self.request("DELETE", f"/v1/leases/{int(lease_id)}", write=True, request_id=False)
+
+    async def leases(self) -> list[dict]:
+        return (await self.request("GET", "/v1/leases"))["leases"]
+
+    async def compact(self, revision: int) -> dict:
+        body = json.dumps({"revision": int(revision)}).encode()
+        return await self.request("POST", "/v1/compact", body=body, headers=JSON_HEADERS, write=True, request_id=False)
+
+    async def watch(self, key=None, *, prefix=None, start_revision=None, prev=False, progress_ms=None, reconnect=True,
+                    idle_timeout: float = WATCH_IDLE_TIMEOUT_SECONDS):  # fmt: skip
+        """As `Client.watch`, an async generator: reconnects to the next endpoint from the
+        last revision seen + 1 when a stream drops."""
+        import aiohttp
+
+        plan = WatchPlan(key, prefix, start_revision, prev, progress_ms)
+        session = self._get_session()
+        failures = 0
+        index = self._preferred
+        while True:
+            endpoint = self.endpoints[index % len(self.endpoints)]
+            try:
+                timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.socket_timeout, sock_read=idle_timeout)
+                async with session.get(endpoint + plan.target(), headers={"Accept": "application/x-ndjson"},
+                                       timeout=timeout) as response:  # fmt: skip
+                    if response.status != 200:
+                        data = await response.content.read(MAX_RESPONSE_BYTES)
+                        error = error_from_response(response.status, _decode(data, response.headers.get("content-type", "")),
+                                                    endpoint)  # fmt: skip
+                        if response.status != 503:
+                            raise error
+                        raise _WatchLost(str(error))
+                    while True:
+                        line = await response.content.readline()
+                        if not line:
+                            raise _WatchLost("the server closed the stream")
+                        if not line.strip():
+                            continue
+                        event = json.loads(line)
+                        _check_canceled(event, endpoint)
+                        failures = 0
+                        plan.saw(event)
+                        yield event
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, _WatchLost) as exc:
+                if not reconnect:
+                    raise Unavailable(f"the watch on {endpoint} ended: {exc}", status=0, endpoint=endpoint) from None
+                failures += 1
+                if failures > self.max_attempts:
+                    raise Unavailable(f"no endpoint keeps a watch open ({exc})", status=0, endpoint=endpoint) from None
+                index += 1
+                if failures % len(self.endpoints) == 0:
+                    await asyncio.sleep(min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (failures // len(self.endpoints))))
+
+
 # --- helpers ----------------------------------------------------------------------------------------
 
 
@@ -649,5 +891,5 @@ __all__ = [
     "APEntry", "AsyncClient", "CapkvError", "Client", "Compacted", "ConnectionFailed", "Entry", "InvalidRequest",
     "KeyNotFound", "MethodNotAllowed", "NotFound", "NotImplementedYet", "NotSupportedInMode", "OutcomeUnknown",
     "PreconditionFailed", "ServerError", "Unavailable", "ValueTooLarge", "error_from_response", "key_path",
-    "retry_decision",
+    "retry_decision", "WatchPlan",
 ]  # fmt: skip

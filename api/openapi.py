@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from api.routes import kv
+from api.routes import etcd_v3, kv, watch
 
 OPENAPI_VERSION = "3.0.3"
 
@@ -32,17 +32,23 @@ PARAMS: dict[str, dict] = {
                           "cp: serializable reads the local replica (may be stale, no quorum needed)"),
     "revision": _query("revision", {"type": "integer", "minimum": 1}, "cp: read as of this revision (410 when compacted)"),
     "raw": _query("raw", FLAG, "return the value bytes alone (application/octet-stream), metadata in X-Capkv-* headers"),
-    "prefix": _query("prefix", {"type": "string"}, "every key starting with this (range), or delete the range (cp DELETE: prefix=true)"),
+    "prefix": _query("prefix", {"type": "string"}, "every key starting with this (range, watch), or delete the range "
+                                                   "(cp DELETE: prefix=true)"),
     "limit": _query("limit", {"type": "integer", "minimum": 1, "maximum": 10000}, "at most this many keys; `more` says if there are others"),
     "start_after": _query("start_after", {"type": "string"}, "cp: paging: only keys after this one"),
     "keys_only": _query("keys_only", FLAG, "cp: leave the values out"),
     "lease": _query("lease", INT, "cp: attach the key to this lease"),
     "if_mod_revision": _query("if_mod_revision", INT,
                               "cp: compare-and-swap: only if the key's mod_revision is this (0: only if absent); 412 otherwise"),
-    "prev": _query("prev", FLAG, "cp: return the previous value(s)"),
+    "prev": _query("prev", FLAG, "cp: return the previous value(s) (watch: each event's previous value)"),
     "r": _query("r", {"type": "integer", "minimum": 1}, "ap: read quorum for this request (up to N)"),
     "w": _query("w", {"type": "integer", "minimum": 1}, "ap: write quorum for this request (up to N)"),
     "context": _query("context", {"type": "string"}, "ap: causal context from a previous read (or the X-Capkv-Context header)"),
+    "start_revision": _query("start_revision", {"type": "integer", "minimum": 1},
+                             "watch: replay history from this revision first (410 when compacted); "
+                             "reconnect with the last seen mod_revision + 1 to miss nothing"),
+    "progress_ms": _query("progress_ms", {"type": "integer", "minimum": 100, "maximum": 10000, "default": 10000},
+                          "watch: a progress event at least this often when idle"),
 }
 
 ERROR_SCHEMA = {
@@ -101,6 +107,49 @@ MEMBER_BODY = {
 }  # fmt: skip
 
 
+def _json_body(example: dict, description: str) -> dict:
+    return {"required": True, "description": description,
+            "content": {"application/json": {"schema": {"type": "object"}, "example": example}}}  # fmt: skip
+
+
+TXN_BODY = _json_body(
+    {"compare": [{"key": "acct/a", "target": "mod_revision", "op": "==", "value": 7}],
+     "success": [{"op": "put", "key": "acct/a", "value": "90"}, {"op": "put", "key": "acct/b", "value": "110"}],
+     "failure": [{"op": "get", "key": "acct/", "prefix": True}]},
+    "compare: [{key, target: value|version|create_revision|mod_revision|lease, op: ==|!=|<|>, value | value_base64, "
+    "prefix?}]; success/failure: [ops], an op being {op: get|put|delete|txn, key, value | value_base64, prefix, lease, "
+    "prev, limit, keys_only, count_only, revision} (txn: {op: txn, compare, success, failure})")
+LEASE_BODY = _json_body({"ttl": 60}, "{ttl: seconds, id?: a lease id of your choosing}")
+COMPACT_BODY = _json_body({"revision": 100}, "{revision}: history below it is dropped")
+WATCH_RESPONSES = {"text/event-stream": {"schema": {"type": "string"}},
+                   "application/x-ndjson": {"schema": {"type": "string"}}}  # fmt: skip
+
+
+def _watch_op(summary: str, params: tuple[str, ...], path_params: tuple[dict, ...] = ()) -> dict:
+    op = _op(summary, params, "a stream of events", "400", "410", "501", path_params=path_params)
+    op["responses"]["200"] = {"description": "one JSON event a line (application/x-ndjson), or Server-Sent Events with "
+                                             "Accept: text/event-stream: {type: put|delete, key, value?, create_revision, "
+                                             "mod_revision, version, prev?}, {type: progress, revision}, and a final "
+                                             "{type: canceled, reason} when the server ends the watch",
+                              "content": WATCH_RESPONSES}  # fmt: skip
+    return op
+
+
+def _gateway_paths() -> dict[str, dict[str, dict]]:
+    """etcd 3.4's JSON gateway (cp mode): etcd's request and response messages, not this API's."""
+    out = {}
+    for path in etcd_v3.gateway_paths():
+        out[path] = {"post": {
+            "summary": f"etcd v3 gateway: {path.split('/', 2)[2]} (etcd 3.4 wire rules: base64 bytes, int64 as strings, "
+                       "default fields left out, gRPC error codes; cp mode only)",
+            "parameters": [],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}},
+            "responses": {"200": {"description": "etcd's response message", "content": {"application/json": {"schema": {"type": "object"}}}},
+                          "default": {"description": "etcd's error: {error, message, code (gRPC)}"}},
+        }}  # fmt: skip
+    return out
+
+
 def _paths() -> dict[str, dict[str, dict]]:
     cp_only = ("501",)
     return {
@@ -127,21 +176,26 @@ def _paths() -> dict[str, dict[str, dict]]:
         "/v1/cluster/members": {"post": _op("add a member", (), "added", "400", "501", "503", body=MEMBER_BODY)},
         "/v1/cluster/members/{member_id}": {"delete": _op("remove a member", (), "removed", "404", "501", "503",
                                                           path_params=(_path_param("member_id", "a node id"),))},
-        "/v1/txn": {"post": _op("cp: an atomic transaction (ap: 501 not_supported_in_mode)", (), "result", *cp_only)},
+        "/v1/txn": {"post": _op("cp: an atomic transaction: {succeeded, revision, responses} (ap: 501 not_supported_in_mode)",
+                                ("timeout_ms", "request_id"), "result", "400", "503", "504", *cp_only, body=TXN_BODY)},
         "/v1/leases": {
-            "get": _op("cp: list leases", (), "leases", *cp_only),
-            "post": _op("cp: grant a lease {ttl}", (), "granted", *cp_only),
+            "get": _op("cp: list leases: {leases: [{id, ttl, granted_ttl}]}", ("timeout_ms",), "leases", *cp_only),
+            "post": _op("cp: grant a lease: {id, ttl}", ("timeout_ms",), "granted", "400", "412", *cp_only, body=LEASE_BODY),
         },
         "/v1/leases/{id}": {
-            "get": _op("cp: a lease's ttl and keys", (), "lease", *cp_only, path_params=(_path_param("id", "lease id"),)),
-            "delete": _op("cp: revoke a lease (its keys are deleted)", (), "revoked", *cp_only,
-                          path_params=(_path_param("id", "lease id"),)),
+            "get": _op("cp: a lease: {id, ttl, granted_ttl, keys}", ("timeout_ms",), "lease", "404", *cp_only,
+                       path_params=(_path_param("id", "lease id"),)),
+            "delete": _op("cp: revoke a lease; its keys are deleted at one revision: {id, revoked, revision}", ("timeout_ms",),
+                          "revoked", "404", *cp_only, path_params=(_path_param("id", "lease id"),)),
         },
-        "/v1/leases/{id}/keepalive": {"post": _op("cp: refresh a lease", (), "refreshed", *cp_only,
-                                                  path_params=(_path_param("id", "lease id"),))},
-        "/v1/watch": {"get": _op("cp: watch a prefix (ndjson or SSE stream)", (), "events", *cp_only)},
-        "/v1/watch/{key}": {"get": _op("cp: watch a key (ndjson or SSE stream)", (), "events", *cp_only, path_params=(KEY,))},
-        "/v1/compact": {"post": _op("cp: drop history below a revision", (), "compacted", *cp_only)},
+        "/v1/leases/{id}/keepalive": {"post": _op("cp: refresh a lease: {id, ttl, granted_ttl}", ("timeout_ms",), "refreshed",
+                                                  "404", *cp_only, path_params=(_path_param("id", "lease id"),))},
+        "/v1/watch": {"get": _watch_op("cp: watch every key under a prefix (prefix= is required; empty: every key)",
+                                       watch.WATCH_PREFIX_PARAMS)},
+        "/v1/watch/{key}": {"get": _watch_op("cp: watch one key", watch.WATCH_PARAMS, path_params=(KEY,))},
+        "/v1/compact": {"post": _op("cp: drop history below a revision: {compact_revision, revision}", ("timeout_ms",),
+                                    "compacted", "400", "410", *cp_only, body=COMPACT_BODY)},
+        **_gateway_paths(),
     }
 
 

@@ -493,7 +493,7 @@ class Peer:
 class RaftNode:
     """One Raft member replicating `state_machine`'s commands.
 
-        node = RaftNode(sm, "n1", Peer("n1", "127.0.0.1:2380"), [Peer("n2", ...), ...],
+        node = RaftNode(sm, Peer("n1", "127.0.0.1:2380"), [Peer("n2", "127.0.0.1:22380"), ...],
                         data_dir="/var/lib/capkv/n1/raft", password=secret, sync="always")
         node.submit({"v": 1, "op": "barrier"}, lambda result, outcome, reason: ...)
         node.destroy()
@@ -523,7 +523,8 @@ class RaftNode:
         self.options = options
         self.self_peer = self_peer
         self.peers = list(peers)
-        self.leader_changes = 0
+        self.leader_changes = 0  # times the known leader changed to another node
+        self._last_leader = None
         self._on_state_changed = on_state_changed
         self._durability = _Durability(sync, options)
         journal_path = os.path.join(data_dir, "journal")
@@ -562,12 +563,18 @@ class RaftNode:
         self._durability.journal = journal if isinstance(journal, _DurableJournal) else None
         self._durability.transport = getattr(self._obj, "_SyncObj__transport")
         self._obj.addOnTickCallback(self._durability.on_tick)
+        self._obj.addOnTickCallback(self._watch_leader)
 
     # --- callbacks on the tick thread ---
 
+    def _watch_leader(self) -> None:
+        leader = self._obj._getLeader()
+        if leader is not None and leader != self._last_leader:
+            if self._last_leader is not None:
+                self.leader_changes += 1
+            self._last_leader = leader
+
     def _state_changed(self, old: int, new: int) -> None:
-        if new == 2 or old == 2:
-            self.leader_changes += 1
         if self._on_state_changed is not None:
             names = {0: "follower", 1: "candidate", 2: "leader"}
             self._on_state_changed(names.get(old, str(old)), names.get(new, str(new)))

@@ -79,6 +79,13 @@ class ReadBarrier:
             if waiting is not None and not waiting.cancelled() and not self._closed:
                 self._start(waiting)
 
+    def _check(self) -> None:
+        """A queued barrier exists only behind one in flight; finished ones are not kept."""
+        if self._next is not None:
+            assert self._in_flight is not None or self._closed, "a queued barrier with none in flight"
+        if self._in_flight is not None and not self._closed:
+            assert not self._in_flight.done() or self._tasks, "a finished barrier still marked in flight"
+
     def pending(self) -> int:
         return (self._in_flight is not None) + (self._next is not None)
 

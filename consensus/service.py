@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -67,6 +68,8 @@ class ServiceLimits:
     retry_backoff_max_s: float = 0.5
     # The longest a request may ask to wait.
     max_timeout_s: float = 300.0
+    # Range reads up to this many items run on the event loop; longer ones on a thread.
+    inline_range_limit: int = 256
 
 
 def create_service(
@@ -261,6 +264,9 @@ class ConsensusService:
             while True:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
+                    break
+                if self._stopped:
+                    reason = "node stopped"
                     break
                 if attempt:
                     self._counters["writes_retried_total"] += 1
@@ -488,9 +494,20 @@ class ConsensusService:
             raise InvalidRequest("end must be non-empty bytes or None", code="invalid_range_end")
         start = bytes(start) or b"\x00"
         await self._before_read(consistency, timeout)
-        items, revision_seen, more, count = self._sm.range(
-            start, None if end is None else bytes(end), limit=limit, keys_only=keys_only, count_only=count_only, revision=revision
+        read = functools.partial(
+            self._sm.range,
+            start,
+            None if end is None else bytes(end),
+            limit=limit,
+            keys_only=keys_only,
+            count_only=count_only,
+            revision=revision,
         )
+        if end is not None and (not limit or limit > self.limits.inline_range_limit or count_only or revision):
+            # A scan that may be long runs on a worker thread so the loop keeps serving.
+            items, revision_seen, more, count = await asyncio.get_running_loop().run_in_executor(None, read)
+        else:
+            items, revision_seen, more, count = read()
         return RangeResult(revision=revision_seen, items=items, more=more, count=count)
 
     # --- cluster -------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import struct
 import threading
@@ -104,6 +105,8 @@ class StateMachineLimits:
     request_id_max_age_entries: int = 1_000_000
     # A range delete is one atomic engine batch of about three rows per key.
     max_delete_keys: int = 10_000
+    # ...and each deleted key is written about three times into that batch.
+    max_delete_key_bytes: int = 8 * 1024 * 1024
     # A range read holds its results in memory.
     max_range_items: int = 100_000
     # The API caps keys at 4 KiB and values at 1 MiB by default (--max-value-bytes).
@@ -443,9 +446,11 @@ class KVStateMachine:
             if expected is not None:
                 raise CommandError("invalid_if_mod_revision", "if_mod_revision applies to a single key, not a range")
             victims = []
+            key_bytes = 0
             for row_key, row in self.engine.scan(*self._current_bounds(key, end)):
                 victims.append((dec(row_key[1:]), Record.decode(row)))
-                if len(victims) > self.limits.max_delete_keys:
+                key_bytes += len(row_key)
+                if len(victims) > self.limits.max_delete_keys or key_bytes > self.limits.max_delete_key_bytes:
                     raise CommandError(
                         "too_many_keys",
                         f"the range holds more than {self.limits.max_delete_keys} keys; delete it in smaller ranges",
@@ -736,9 +741,7 @@ class SnapshotSource:
 
 
 def _fingerprint(command: dict) -> str:
-    """What makes two writes "the same request": op, key(s) and value."""
-    import hashlib
-
+    """What makes two writes "the same request": op, key(s), value and compare."""
     digest = hashlib.blake2b(digest_size=12)
     for part in (command.get("op"), command.get("key"), command.get("end"), command.get("value"), command.get("if_mod_revision")):
         digest.update(repr(part).encode() if not isinstance(part, bytes) else part)

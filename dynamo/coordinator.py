@@ -146,6 +146,11 @@ class Coordinator:
         self._check_quorum("w", w)
         deadline = self._now() + timeout
         _, fallbacks, targets = self._prepare(key)
+        if len(targets) < w:  # fail before anything is written: definitely not applied
+            self._count("quorum_failures")
+            raise Unavailable(
+                f"only {len(targets)} replicas are reachable for this key; the write needs {w}", wanted=w, reachable=len(targets)
+            )
         used = {t.node for t in targets}
         tally = WriteTally(w, planned=len(targets))
         pending = sorted(targets, key=lambda t: t.node != self.self_id)  # version here when possible
@@ -187,8 +192,8 @@ class Coordinator:
                     await asyncio.wait_for(settled.wait(), max(0.0, deadline - self._now()))
                 except asyncio.TimeoutError:
                     pass
-            if capped:
-                await asyncio.wait(sends, timeout=max(0.0, deadline - self._now()) or None)
+            if capped and deadline > self._now():
+                await asyncio.wait(sends, timeout=deadline - self._now())
         if not tally.ok:
             self._count("quorum_failures")
             raise Unavailable(
@@ -222,6 +227,11 @@ class Coordinator:
         self._check_quorum("r", r)
         deadline = self._now() + timeout
         _, fallbacks, targets = self._prepare(key)
+        if len(targets) < r:
+            self._count("quorum_failures")
+            raise Unavailable(
+                f"only {len(targets)} replicas are reachable for this key; the read needs {r}", wanted=r, reachable=len(targets)
+            )
         used = {t.node for t in targets}
         tally = ReadTally(r, len(targets), lww=self.lww)
         settled = asyncio.Event()

@@ -9,8 +9,8 @@ until one probe (or any request) succeeds, which makes it `alive` again.
     >>> fd = FailureDetector(["n1", "n2"], "n1")
     >>> fd.record_failure("n2", now=10.0); fd.status("n2"), fd.due_probes(10.0), fd.due_probes(10.5)
     ('suspect', [], ['n2'])
-    >>> fd.record_success("n2", now=10.6); fd.status("n2")
-    'alive'
+    >>> fd.record_success("n2", now=10.6), fd.status("n2")   # True: it came back
+    (True, 'alive')
 """
 from __future__ import annotations
 

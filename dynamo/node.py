@@ -12,9 +12,12 @@ b"h:" ... hints (`hints.py`); b"m:actor" -> this node's current actor id.
 Actor epochs (the fix for Riak's "doomstone", riak_kv#679): a dot (actor, n) must never
 name two different writes. A node mints n = (its counter in the local clock) + 1, which
 is safe only while its local copy of the key has never been deleted. So the actor is
-`"<node>.<epoch>"` with a random epoch, and before the node deletes a local copy whose
-clock names its current actor (after a handoff) it takes a fresh epoch, which has minted
-nothing anywhere. A wiped data directory gets a fresh actor too.
+`"<node>.<epoch>"` with a random epoch, and the node takes a fresh epoch (which has
+minted nothing anywhere) whenever its local copies may have lost a version it minted:
+before it deletes a local copy whose clock names its current actor (after a handoff),
+and at every start (a crash with `sync` "never" or "batch" loses the last writes, a wiped
+data directory loses all). Restarts and handoffs therefore add actors to clocks, which
+pruning bounds.
 
     >>> r = Replica("n1", open_engine("memory"), rng=random.Random(1))
     >>> obj = asyncio.run(r.coordinate(b"k", b"v", VClock(), hint_for=None, now=1.0))
@@ -90,8 +93,9 @@ class Replica:
         self.hints = HintLog(engine, hint_policy)
         self._locks: dict[bytes, asyncio.Lock] = {}
         self._lock_users: dict[bytes, int] = {}
-        stored = engine.get(ACTOR_KEY)
-        self.actor = stored.decode() if stored else self._new_actor()
+        # A fresh actor at every start: with sync "never" or "batch" a crash may have lost
+        # the last versions this node minted, and with them the counters it had reached.
+        self.actor = self._start_actor()
         self.epochs_started = 0
 
     # --- actors ------------------------------------------------------------------------
@@ -101,6 +105,9 @@ class Replica:
         self.engine.sync()
         self.actor = actor
         return actor
+
+    def _start_actor(self) -> str:
+        return self._new_actor()
 
     def new_epoch(self) -> str:
         """Take a fresh actor id (durably) before deleting any local copy."""

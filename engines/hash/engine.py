@@ -6,7 +6,7 @@ to `(file id, offset, size)` of its newest record, so a get is one dict lookup a
 
     put(b"a", b"1")   -> record at (1, 20, 15)      keydir {a: (1, 20, 15)}
     put(b"a", b"22")  -> record at (1, 35, 16)      keydir {a: (1, 35, 16)}; 15 bytes dead
-    delete(b"a")      -> tombstone at (1, 51, 14)   keydir {}; 30 bytes dead
+    delete(b"a")      -> tombstone at (1, 51, 14)   keydir {}; all 45 bytes dead
     ... the active file passes max_file_bytes -> it becomes immutable, file 2 is active
     merge()           -> live records of every immutable file are copied into new files
                          with hint files; the old files are deleted
@@ -37,9 +37,11 @@ Group commit (base.GroupCommit) shares fsyncs among `sync="always"` writers.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import mmap
 import os
+import struct
 import threading
 from bisect import bisect_left
 from collections import defaultdict
@@ -67,6 +69,7 @@ from .format import (
     KIND_DELETE,
     KIND_PUT,
     RECORD_FIELDS,
+    RECORD_OVERHEAD,
     RESIDUE,
     TornTail,
     crc32,
@@ -86,6 +89,9 @@ from .format import (
 )
 
 logger = logging.getLogger("capkv.engines.hash")
+
+# The LOCK file's content (FORMAT.md); what matters is the flock on it.
+LOCK_CONTENT = b"CKVHLOCK 1 capkv hash engine directory lock (held with flock while open)\n"
 
 _PACK_FIELDS = RECORD_FIELDS.pack
 _PACK_CRC = CRC.pack
@@ -114,10 +120,11 @@ class HashOptions:
     # sync, and before a read of a record still in it: the put path is one buffered append.
     write_buffer_bytes: int = 64 * 1024
     # Merge in the background when dead bytes in immutable files are at least this
-    # fraction of them and at least merge_min_dead_bytes: rewriting live data costs
-    # 1 / (1 - ratio) bytes written per byte reclaimed at most.
-    merge_dead_ratio: float = 0.5
-    merge_min_dead_bytes: int = 32 * 1024 * 1024
+    # fraction of them and at least merge_min_dead_bytes. A merge rewrites every live
+    # byte of the immutable files (and costs a few microseconds of Python per record),
+    # so it should reclaim a lot when it runs; Bitcask's defaults are 60 % and 512 MB.
+    merge_dead_ratio: float = 0.6
+    merge_min_dead_bytes: int = 256 * 1024 * 1024
     # Off: merges run only when `merge()` is called.
     auto_merge: bool = True
 
@@ -164,9 +171,14 @@ class DataFile:
 
     def read(self, offset: int, size: int) -> bytes:
         mm = self.mm
-        if mm is not None:
-            return mm[offset:offset + size]
-        return os.pread(self.fd, size, offset)
+        if mm is None:
+            try:
+                return os.pread(self.fd, size, offset)
+            except OSError:
+                mm = self.mm  # rotated meanwhile: its descriptor is gone, its mmap is there
+                if mm is None:
+                    raise
+        return mm[offset:offset + size]
 
     def close(self) -> None:
         if self.closed:
@@ -210,6 +222,12 @@ class HashEngine:
         except TypeError as exc:
             raise InvalidArgument(f"hash engine: {exc}") from None
         self.hash_options = HashOptions(**own)
+        o = self.options
+        # Record and batch lengths are u32 on disk (FORMAT.md).
+        if o.max_key_bytes + o.max_value_bytes + RECORD_OVERHEAD >= 1 << 32:
+            raise InvalidArgument("max_key_bytes + max_value_bytes must stay under 4 GiB in the hash engine")
+        if o.max_batch_bytes + RECORD_OVERHEAD * (o.max_batch_ops + 1) >= 1 << 32:
+            raise InvalidArgument("max_batch_bytes must stay under 4 GiB in the hash engine")
         if path is None:
             raise InvalidArgument("the hash engine stores files: give it a directory path")
         self._dir = os.fspath(path)
@@ -259,6 +277,16 @@ class HashEngine:
         self._last_merge: dict = {}
         self._last_error: str | None = None
 
+        # One engine per directory: two would both append and merge, deleting each
+        # other's files. flock is released by the kernel when a process dies.
+        self._lock_fd = os.open(os.path.join(self._dir, "LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            raise EngineError(f"{self._dir} is in use by another open engine (its LOCK file is held)") from None
+        if os.fstat(self._lock_fd).st_size == 0:
+            os.write(self._lock_fd, LOCK_CONTENT)
         try:
             self._recover()
             self._open_active(max(self._files, default=0) + 1)
@@ -266,6 +294,7 @@ class HashEngine:
         except BaseException:
             for df in self._files.values():
                 df.close()
+            os.close(self._lock_fd)
             raise
 
         self._group_commit = GroupCommit(self._sync_files)
@@ -325,10 +354,6 @@ class HashEngine:
             finally:
                 if fd >= 0:
                     os.close(fd)
-        live = defaultdict(int)
-        for file_id, _offset, size in keydir.values():
-            live[file_id] += size
-        self._dead = {fid: df.size - HEADER_SIZE - live.get(fid, 0) for fid, df in self._files.items()}
 
     def _cut_whole_file(self, file_id: int, path: str, size: int, reason: str) -> None:
         logger.warning("%s: torn tail: cut the whole file (%d bytes): %s", path, size, reason)
@@ -352,15 +377,24 @@ class HashEngine:
             self._stats["stale_hints_ignored"] += 1
             return False
         keydir = self._keydir
+        dead = self._dead
+        file_id = df.file_id
         if KIND_DELETE not in kinds:
-            keydir.update(zip(keys, keydir_entries(df.file_id, offsets, sizes)))
+            # Entries of older files these keys replace become dead (C-level map/filter).
+            if keydir:
+                for old in filter(None, map(keydir.get, keys)):
+                    dead[old[0]] += old[2]
+            keydir.update(zip(keys, keydir_entries(file_id, offsets, sizes)))
+            dead[file_id] = df.size - HEADER_SIZE - sum(sizes)
         else:
-            file_id = df.file_id
+            dead[file_id] = df.size - HEADER_SIZE
             for key, kind, offset, size in zip(keys, kinds, offsets, sizes):
+                old = keydir.pop(key, None)
+                if old is not None:
+                    dead[old[0]] += old[2]
                 if kind == KIND_PUT:
                     keydir[key] = (file_id, offset, size)
-                else:
-                    keydir.pop(key, None)
+                    dead[file_id] -= size
         self._stats["hint_files_loaded"] += 1
         self._stats["hint_entries_loaded"] += len(keys)
         return True
@@ -409,11 +443,15 @@ class HashEngine:
             os.unlink(df.path)
             return False
         keydir = self._keydir
+        dead = self._dead
+        dead[file_id] = df.size - HEADER_SIZE
         for key, entry in index.items():
+            old = keydir.pop(key, None)
+            if old is not None:
+                dead[old[0]] += old[2]
             if entry[2] > 0:
                 keydir[key] = entry
-            else:
-                keydir.pop(key, None)
+                dead[file_id] -= entry[2]
         self._write_hint_file(df, index)
         return True
 
@@ -462,7 +500,8 @@ class HashEngine:
         old = self._active
         old.size = old.flushed = self._active_size
         old.map()
-        old.release_fd()  # the mmap holds one; fsyncs reopen the file by name
+        # Its descriptor stays open until the next fsync (or the maintenance thread)
+        # releases it under _fsync_lock: a sync may be using it right now.
         self._unsynced.append(old)
         self._base_position += old.size
         self._pending_hints[old.file_id] = (old, self._active_index)
@@ -492,6 +531,8 @@ class HashEngine:
                     continue  # retired by a merge (its live records are in synced outputs)
                 if df.fd >= 0:
                     os.fsync(df.fd)
+                    if df.mm is not None:
+                        df.release_fd()  # rotated: the mmap is enough from now on
                 else:
                     fd = os.open(df.path, os.O_RDONLY)
                     try:
@@ -564,11 +605,14 @@ class HashEngine:
                 raise EngineClosed("hash engine is closed")
             df = self._files.get(entry[0])
             if df is not None:
-                rec = self._read_record(df, entry)
-                if rec is not None:
-                    decoded = decode_record(rec, key)
-                    if decoded is not None and decoded[0] == KIND_PUT:
-                        return decoded[2]
+                # Twice: a read that raced with the rotation of the active file may have
+                # used its descriptor as it was closed; the second goes through the mmap.
+                for _attempt in range(2):
+                    rec = self._read_record(df, entry)
+                    if rec is not None:
+                        decoded = decode_record(rec, key)
+                        if decoded is not None and decoded[0] == KIND_PUT:
+                            return decoded[2]
                 if not df.retired and not df.closed:
                     reason = "short read" if rec is None or len(rec) != entry[2] else "record checksum mismatch"
                     raise CorruptionError(df.path, entry[1], f"{reason} in the record of key {key[:60]!r}")
@@ -615,6 +659,14 @@ class HashEngine:
             if limit is not None and emitted >= limit:
                 return
 
+    def _count_scan_delete(self) -> None:
+        """A key left the keydir (caller holds `_lock`). The sorted list keeps it until the
+        next full rebuild; past a bound, stop tracking new keys (memory) and rebuild then."""
+        if self._new_keys is not None:
+            self._deleted_since_sort += 1
+            if self._deleted_since_sort > len(self._keydir) + 4096:
+                self._new_keys = None
+
     def _sorted_key_list(self) -> list[bytes]:
         """The sorted keys (possibly with deleted keys and duplicates, which scans skip).
 
@@ -624,7 +676,7 @@ class HashEngine:
         with self._scan_lock:
             with self._lock:
                 base = self._sorted_keys
-                if base is None or self._deleted_since_sort * 2 > len(base) + 64:
+                if base is None or self._new_keys is None or self._deleted_since_sort * 2 > len(base) + 64:
                     keys = list(self._keydir)
                     full = True
                 else:
@@ -708,7 +760,7 @@ class HashEngine:
                 dead = self._dead
                 dead[old[0]] += old[2]
                 dead[self._active_id] += size
-                self._deleted_since_sort += 1
+                self._count_scan_delete()
                 if len(self._buf) >= self._buffer_limit:
                     self._flush()
                 position = self._base_position + self._active_size
@@ -757,7 +809,7 @@ class HashEngine:
                     old = keydir.pop(key, None)
                     dead[file_id] += size
                     if old is not None:
-                        self._deleted_since_sort += 1
+                        self._count_scan_delete()
                 if old is not None:
                     dead[old[0]] += old[2]
                 index[key] = entry
@@ -822,23 +874,9 @@ class HashEngine:
         if durable:
             self._sync_files()
         output = _MergeOutput(self, first_output, first_output + reserved)
-        keydir = self._keydir
         try:
             for df in inputs:
-                file_id = df.file_id
-                mm = df.mm
-                try:
-                    for kind, key, offset, size in parse_records(mm, HEADER_SIZE, verify_inner=True):
-                        if kind != KIND_PUT:
-                            continue
-                        entry = keydir.get(key)
-                        if entry is None or entry[0] != file_id or entry[1] != offset:
-                            continue
-                        output.append(key, entry, mm[offset:offset + size])
-                        if self._closed:
-                            raise _MergeAborted()
-                except TornTail as torn:
-                    raise CorruptionError(df.path, torn.offset, torn.reason) from None
+                self._copy_live_records(df, output)
             output.finish()
         except BaseException:
             output.abandon()
@@ -848,7 +886,10 @@ class HashEngine:
             self._sync_files()
         with self._lock:
             for df in inputs:
-                assert self._dead[df.file_id] == df.size - HEADER_SIZE, f"merge left live data in {df.path}"
+                if self._dead[df.file_id] != df.size - HEADER_SIZE:
+                    # Some live record was not found walking the file: its framing is damaged.
+                    raise CorruptionError(df.path, -1, "merge could not find every live record of this file")
+            for df in inputs:
                 del self._files[df.file_id]
                 del self._dead[df.file_id]
                 self._pending_hints.pop(df.file_id, None)
@@ -875,6 +916,46 @@ class HashEngine:
         self._stats["merge_bytes_written"] += result["bytes_written"]
         self._last_merge = result
         return result
+
+    def _copy_live_records(self, df: DataFile, output: "_MergeOutput") -> None:
+        """Walk df's records and append the live ones (the keydir points at them) to the
+        merge output. Only live records have their CRC checked here: dead ones are dropped
+        anyway, and a walk thrown off by damage shows as live data left behind."""
+        mm = df.mm
+        file_id = df.file_id
+        get = self._keydir.get
+        unpack = RECORD_FIELDS.unpack_from
+        append = output.append
+        end = len(mm)
+        pos = HEADER_SIZE
+        batch_end = -1
+        try:
+            while pos < end:
+                if pos == batch_end:  # the CRC that closes a batch frame
+                    pos += 4
+                    continue
+                kind, key_len, value_len = unpack(mm, pos)
+                if kind == KIND_PUT:
+                    size = RECORD_OVERHEAD + key_len + value_len
+                    key = mm[pos + FIELDS_SIZE:pos + FIELDS_SIZE + key_len]
+                    entry = get(key)
+                    if entry is not None and entry[1] == pos and entry[0] == file_id:
+                        record = mm[pos:pos + size]
+                        if crc32(record) != RESIDUE:
+                            raise CorruptionError(df.path, pos, f"record of key {key[:60]!r} fails its checksum")
+                        append(key, entry, record)
+                        if self._closed:
+                            raise _MergeAborted()
+                    pos += size
+                elif kind == KIND_DELETE:
+                    pos += RECORD_OVERHEAD + key_len
+                elif kind == KIND_BATCH:
+                    batch_end = pos + FIELDS_SIZE + value_len  # its ops follow as records
+                    pos += FIELDS_SIZE
+                else:
+                    raise CorruptionError(df.path, pos, f"unknown record kind {kind}")
+        except struct.error:
+            raise CorruptionError(df.path, pos, "record header runs past the end of the file") from None
 
     def _publish_merge_output(self, df: DataFile, moved: list) -> int:
         """Register a finished output file, then point the keydir at it chunk by chunk."""
@@ -927,6 +1008,7 @@ class HashEngine:
                 with self._maint_lock:
                     if self._closed:
                         return
+                    self._release_idle_descriptors()
                     self._write_pending_hints()
                     if self._merge_due():
                         self._merge_locked()
@@ -936,6 +1018,16 @@ class HashEngine:
                 logger.exception("hash engine maintenance failed")
                 self._stats["maintenance_errors"] += 1
                 self._last_error = f"{type(exc).__name__}: {exc}"
+
+    def _release_idle_descriptors(self) -> None:
+        """Close the descriptors of rotated files (their mmaps hold one), so an engine
+        with many files holds one descriptor per file. Fsyncs reopen them by name."""
+        with self._lock:
+            idle = [df for df in self._files.values() if df.mm is not None and df.fd >= 0]
+        with self._fsync_lock:
+            for df in idle:
+                if not df.closed:
+                    df.release_fd()
 
     def _write_pending_hints(self) -> None:
         """Caller holds `_maint_lock`: fsync each rotated file, then write its hint."""
@@ -986,6 +1078,7 @@ class HashEngine:
                 for df in self._files.values():
                     df.close()
             self._fsync_dir()
+            os.close(self._lock_fd)  # releases the flock
 
     def stats(self) -> dict:
         with self._lock:

@@ -31,8 +31,15 @@ Amplification (n = bytes of live data, f = multiplier = 10 by default):
 from __future__ import annotations
 
 import dataclasses
+from itertools import repeat
+from operator import is_
+
+from .merge import merge_chunks, table_chunks
+from .sstable import TOMBSTONE
 
 MAX_LEVELS = 7
+# Entries a compaction merges per step: amortises the Python work of a step.
+COMPACTION_CHUNK = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,3 +131,57 @@ def full_plan(levels) -> CompactionPlan | None:
     if len(inputs) == 1 and output_level >= 1 and not inputs[0].tombstones and not levels[0]:
         return None  # already one clean sorted run
     return CompactionPlan(-1, output_level, inputs, True, False, "full compaction")
+
+
+def merge_runs(runs, *, drop_tombstones: bool, target_file_bytes: int, write_output, should_stop=None) -> dict:
+    """Merge sorted runs of tables (newest run first) and write the result in tables of
+    about `target_file_bytes` through `write_output(keys, values)`.
+
+    Keeps the newest version of every key, drops tombstones if `drop_tombstones`.
+    `should_stop()` is asked between steps; True abandons the merge ("stopped" in the result).
+    Returns {"outputs": [what write_output returned], "entries_out", "tombstones_dropped", "stopped"}.
+    Runs in the engine process or in the worker process (worker.py) alike.
+    """
+    sources = [table_chunks(run, None, None, False, COMPACTION_CHUNK, False) for run in runs]
+    outputs = []
+    pending_keys: list = []
+    pending_values: list = []
+    pending_bytes = 0
+    entries_out = tombstones_dropped = 0
+    for keys, values in merge_chunks(sources):
+        if should_stop is not None and should_stop():
+            return {"outputs": outputs, "entries_out": entries_out, "tombstones_dropped": tombstones_dropped,
+                    "stopped": True}
+        if drop_tombstones and any(map(is_, values, repeat(TOMBSTONE))):
+            kept = [(k, v) for k, v in zip(keys, values) if v is not TOMBSTONE]
+            tombstones_dropped += len(keys) - len(kept)
+            keys = [k for k, _ in kept]
+            values = [v for _, v in kept]
+        pending_keys += keys
+        pending_values += values
+        pending_bytes += sum(map(len, keys)) + sum(map(len, values))
+        if pending_bytes >= target_file_bytes:
+            outputs.append(write_output(pending_keys, pending_values))
+            entries_out += len(pending_keys)
+            pending_keys, pending_values, pending_bytes = [], [], 0
+    if pending_keys:
+        outputs.append(write_output(pending_keys, pending_values))
+        entries_out += len(pending_keys)
+    return {"outputs": outputs, "entries_out": entries_out, "tombstones_dropped": tombstones_dropped,
+            "stopped": False}
+
+
+def plan_runs(plan: CompactionPlan, level_of: dict) -> list[list]:
+    """The plan's inputs as sorted runs, newest first: each level-0 table alone (newest
+    first), then the tables of each deeper level together, in key order."""
+    by_level: dict[int, list] = {}
+    for table in plan.inputs:
+        by_level.setdefault(level_of[table.number], []).append(table)
+    runs = []
+    for level in sorted(by_level):
+        tables = by_level[level]
+        if level == 0:
+            runs += [[t] for t in sorted(tables, key=lambda t: -t.number)]
+        else:
+            runs.append(sorted(tables, key=lambda t: t.smallest))
+    return runs

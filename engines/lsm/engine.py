@@ -42,11 +42,13 @@ import errno
 import fcntl
 import itertools
 import logging
-from itertools import compress, islice, repeat
+from itertools import chain, compress, islice, repeat
 from operator import is_not
 import os
+import struct
 import threading
 import time
+import zlib
 from bisect import bisect_left
 from typing import Iterator, Sequence
 
@@ -65,16 +67,18 @@ from ..base import (
 )
 from . import manifest
 from .bloom import key_hash
-from .compaction import MAX_LEVELS, CompactionPlan, full_plan, pick_compaction
+from .compaction import MAX_LEVELS, CompactionPlan, full_plan, merge_runs, pick_compaction, plan_runs
 from .memtable import Memtable
 from .merge import memtable_chunks, merge_chunks, table_chunks
+from .worker import WORKER_SUFFIX, WorkerClient
 from .sstable import TOMBSTONE, BlockCache, Table, write_table
-from .wal import OP_DELETE, WalWriter, encode_batch, encode_put, replay
+from .wal import OP_DELETE, OP_PUT, WalWriter, encode_batch, replay
+
+_pack_op = struct.Struct("<BII").pack  # the WAL's op header (wal.py), inlined in put()
+_pack_record = struct.Struct("<II").pack  # the WAL's record header
+_crc32 = zlib.crc32
 
 log = logging.getLogger("capkv.engines.lsm")
-
-# Entries a compaction merges per step: amortises the Python work of a step.
-_COMPACTION_CHUNK = 1024
 
 _BASE_FIELDS = {f.name for f in dataclasses.fields(EngineOptions)}
 
@@ -105,11 +109,18 @@ class LSMOptions:
     background_compaction: bool = True
     # In-process WAL buffer; sync="never" loses at most this much on a process kill.
     wal_buffer_bytes: int = 64 * 1024
+    # Run flushes and compactions in two child processes (worker.py) instead of threads
+    # of this one, where their CPU work would hold the GIL against gets and puts.
+    # None: only when memtable_bytes >= 1 MiB (tiny stores are not worth two processes).
+    background_process: bool | None = None
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.type in ("bool", bool):
+            if field.name == "background_process":
+                if value is not None and not isinstance(value, bool):
+                    raise InvalidArgument(f"{field.name} must be True, False or None, not {value!r}")
+            elif field.type in ("bool", bool):
                 if not isinstance(value, bool):
                     raise InvalidArgument(f"{field.name} must be True or False, not {value!r}")
             elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -189,12 +200,14 @@ class LSMEngine:
         self._cache = BlockCache(opts.block_cache_bytes)
         self._pointers: dict[int, bytes] = {}
         self._counters = dict(
-            puts=0, deletes=0, batches=0, user_bytes=0, wal_bytes=0, flushes=0, flush_bytes=0,
+            wal_bytes=0, flushes=0, flush_bytes=0,
             compactions=0, trivial_moves=0, compaction_bytes_read=0, compaction_bytes_written=0,
             tombstones_dropped=0, versions_dropped=0, write_stalls=0, write_stall_seconds=0.0,
-            wal_torn_tails=0, wal_torn_bytes=0, wal_records_recovered=0, wal_dropped_logs=0,
+            wal_torn_tails=0, wal_torn_bytes=0, wal_records_recovered=0,
         )
         self.torn_tails: list[dict] = []
+        # Counted by every write, so plain attributes rather than dict entries.
+        self._puts = self._deletes = self._batches = self._user_bytes = 0
 
         body = manifest.read(self.path)
         names = os.listdir(self.path)
@@ -257,6 +270,10 @@ class LSMEngine:
         self._max_key = self.options.max_key_bytes
         self._max_value = self.options.max_value_bytes
         self._memtable_bytes = opts.memtable_bytes
+        self._use_process = (opts.background_process if opts.background_process is not None
+                             else opts.memtable_bytes >= 1024 * 1024)
+        self._flush_worker = WorkerClient("capkv-lsm-flush-worker")
+        self._compaction_worker = WorkerClient("capkv-lsm-compaction-worker")
         self._closed = False
         self._threads = [
             threading.Thread(target=self._flush_loop, name="capkv-lsm-flush", daemon=True),
@@ -271,19 +288,15 @@ class LSMEngine:
     def _recover(self, wal_numbers: list[int]) -> Memtable:
         """Replay the logs the manifest still needs, oldest first, into one memtable.
 
-        A torn tail is cut. If a log other than the newest is torn, the newer logs are not
-        replayed either: recovery yields a prefix of the writes, never a state with a hole.
+        Only the newest log may end in a torn tail, which is cut (see `wal.replay`); damage
+        anywhere else raises `CorruptionError`, so recovery never skips a write in the middle
+        of the history: it yields all of it, or a prefix missing the torn last record.
         """
         memtable = Memtable()
-        stopped = False
         for number in wal_numbers:
             wal_path = os.path.join(self.path, _file_name(number, "wal"))
             memtable.wal_numbers.append(number)
-            if stopped:
-                self._counters["wal_dropped_logs"] += 1
-                log.warning("%s: not replayed, an older log was torn", wal_path)
-                continue
-            result = replay(wal_path)
+            result = replay(wal_path, newest=number == wal_numbers[-1])
             for ops in result.batches:
                 for kind, key, value in ops:
                     memtable.put(key, TOMBSTONE if kind == OP_DELETE else value)
@@ -295,7 +308,6 @@ class LSMEngine:
                                         "bytes": result.torn_bytes, "reason": result.torn_reason})
                 log.warning("%s: cut %d bytes of torn tail at byte %d (%s)", wal_path, result.torn_bytes,
                             result.good_bytes, result.torn_reason)
-                stopped = True
         return memtable
 
     def _new_wal(self) -> WalWriter:
@@ -346,57 +358,71 @@ class LSMEngine:
             raise EngineClosed("lsm engine is closed")
         start = None if start is None else bytes(start)
         end = None if end is None else bytes(end)
-        return self._scan(self._version, start, end, bool(reverse), limit)
+        # The items of each chunk are handed out by C (chain), not by resuming a generator.
+        return chain.from_iterable(self._scan_chunks(self._version, start, end, bool(reverse), limit))
 
-    def _scan(self, version: _Version, start, end, reverse, limit):
-        """Holds `version` (so its tables stay open) for as long as the iterator lives."""
+    def _scan_chunks(self, version: _Version, start, end, reverse, limit):
+        """Lists of (key, value) in scan order. Holds `version` (so its tables stay open)
+        for as long as the iterator lives."""
         if limit == 0 or (start is not None and end is not None and start >= end):
             return
-        # Chunks about the size of the limit: one merge step usually serves a short scan.
-        chunk = 256 if limit is None else max(16, min(limit + 1, 1024))
-        sources = [memtable_chunks(version.mem, start, end, reverse, chunk)]
-        sources += [memtable_chunks(m, start, end, reverse, chunk) for m in version.imms]
-        sources += [table_chunks((t,), start, end, reverse, chunk) for t in version.levels[0]]
-        sources += [table_chunks(tables, start, end, reverse, chunk) for tables, _ in version.deep]
+        # Each source's chunks hold about its share of the entries a short scan needs
+        # (sources are sampled uniformly, roughly): one merge step then usually serves it,
+        # without merging N times more entries than it returns.
+        memtables = (version.mem,) + version.imms
+        runs = [(t,) for t in version.levels[0]] + [tables for tables, _ in version.deep]
+        sizes = [len(m) for m in memtables] + [sum(t.entries for t in run) for run in runs]
+        total = sum(sizes) or 1
+        wanted = 256 if limit is None else min(limit + 1, 1024)
+        chunks = [max(16, wanted * size * 5 // (4 * total)) for size in sizes]
+        sources = [memtable_chunks(m, start, end, reverse, c) for m, c in zip(memtables, chunks)]
+        sources += [table_chunks(run, start, end, reverse, c) for run, c in zip(runs, chunks[len(memtables):])]
         remaining = limit
         for keys, values in merge_chunks(sources, reverse):
             if self._closed:
                 raise EngineClosed("lsm engine was closed during a scan")
             # Deleted keys out, at C speed: identity with the TOMBSTONE singleton.
             live = compress(zip(keys, values), map(is_not, values, repeat(TOMBSTONE)))
-            if remaining is None:
-                yield from live
-            else:
-                items = list(islice(live, remaining))
+            items = list(live if remaining is None else islice(live, remaining))
+            yield items
+            if remaining is not None:
                 remaining -= len(items)
-                yield from items
                 if remaining == 0:
                     return
 
     # ------------------------------------------------------------------ writes
 
     def put(self, key: bytes, value: bytes) -> None:
+        # The hot path, kept flat: checks equivalent to check_key/check_value (which run,
+        # and raise, for anything unusual), the WAL record built outside the lock.
         if (type(key) is not bytes or type(value) is not bytes or not key or len(key) > self._max_key
                 or len(value) > self._max_value):
             key = check_key(key, self.options)
             value = check_value(value, self.options)
-        record = encode_put(key, value)
+        payload = _pack_op(OP_PUT, len(key), len(value)) + key + value
+        record = _pack_record(_crc32(payload), len(payload)) + payload
         with self._lock:
-            if self._closed:
-                raise EngineClosed("lsm engine is closed")
-            if self._background_error is not None:
-                self._raise_background_error()
+            if self._closed or self._background_error is not None:
+                self._refuse_write()
             self._wal.append(record)
             memtable = self._version.mem
             memtable.put(key, value)
-            counters = self._counters
-            counters["puts"] += 1
-            counters["user_bytes"] += len(key) + len(value)
+            self._puts += 1
+            self._user_bytes += len(key) + len(value)
             self._wal_position += len(record)
             position = self._wal_position
             if memtable.bytes >= self._memtable_bytes:
                 self._freeze_locked()
-        self._after_write(position)
+        if self._sync_always:
+            self._group.written(position)
+            self._group.wait_durable(position)
+        elif self._syncer is not None:
+            self._syncer.mark_dirty()
+
+    def _refuse_write(self):
+        if self._closed:
+            raise EngineClosed("lsm engine is closed")
+        self._raise_background_error()
 
     def delete(self, key: bytes) -> None:
         self.write([("delete", key, None)])
@@ -407,23 +433,20 @@ class LSMEngine:
             return
         record = encode_batch(ops)
         with self._lock:
-            if self._closed:
-                raise EngineClosed("lsm engine is closed")
-            if self._background_error is not None:
-                self._raise_background_error()
+            if self._closed or self._background_error is not None:
+                self._refuse_write()
             self._wal.append(record)
             memtable = self._version.mem
-            counters = self._counters
             for op, key, value in ops:
                 if op == "put":
                     memtable.put(key, value)
-                    counters["puts"] += 1
-                    counters["user_bytes"] += len(key) + len(value)
+                    self._puts += 1
+                    self._user_bytes += len(key) + len(value)
                 else:
                     memtable.put(key, TOMBSTONE)
-                    counters["deletes"] += 1
-                    counters["user_bytes"] += len(key)
-            counters["batches"] += 1
+                    self._deletes += 1
+                    self._user_bytes += len(key)
+            self._batches += 1
             self._wal_position += len(record)
             position = self._wal_position
             if memtable.bytes >= self._memtable_bytes:
@@ -544,8 +567,14 @@ class LSMEngine:
             number = next(self._numbers)
             table_path = os.path.join(self.path, _file_name(number, "sst"))
             opts = self.lsm_options
-            write_table(table_path, keys, values, block_bytes=opts.block_bytes,
-                        bloom_bits_per_key=opts.bloom_bits_per_key)
+            if self._use_process:
+                worker_path = table_path + WORKER_SUFFIX
+                self._flush_worker.call("write_table", path=worker_path, keys=keys, values=values,
+                                        block_bytes=opts.block_bytes, bloom_bits_per_key=opts.bloom_bits_per_key)
+                os.replace(worker_path, table_path)
+            else:
+                write_table(table_path, keys, values, block_bytes=opts.block_bytes,
+                            bloom_bits_per_key=opts.bloom_bits_per_key)
             table = Table(table_path, number, self._cache)
         with self._manifest_lock:
             levels = list(self._version.levels)
@@ -599,9 +628,14 @@ class LSMEngine:
         drops every shadowed version and every tombstone (space amplification 1.0)."""
         self.flush()
         with self._compaction_lock:
+            if self._closed:
+                raise EngineClosed("lsm engine is closed")
             plan = full_plan(self._version.levels)
             if plan is not None:
-                self._run_compaction(plan)
+                try:
+                    self._run_compaction(plan)
+                except _Cancelled:
+                    raise EngineClosed("lsm engine was closed during compact()") from None
 
     def _compaction_loop(self) -> None:
         opts = self.lsm_options
@@ -636,49 +670,22 @@ class LSMEngine:
         if plan.level >= 0:
             self._pointers[plan.level] = max(t.largest for t in plan.inputs if t in self._version.levels[plan.level])
         if not plan.move:
-            # Sources newest first: level-0 tables one by one, deeper levels one run each.
-            by_level: dict[int, list] = {}
             level_of = {t.number: i for i, tables in enumerate(self._version.levels) for t in tables}
-            for table in plan.inputs:
-                by_level.setdefault(level_of[table.number], []).append(table)
-            sources = []
-            for level in sorted(by_level):
-                tables = by_level[level]
-                if level == 0:
-                    sources += [table_chunks((t,), None, None, False, _COMPACTION_CHUNK, False) for t in tables]
-                else:
-                    sources.append(table_chunks(sorted(tables, key=lambda t: t.smallest), None, None, False,
-                                                _COMPACTION_CHUNK, False))
+            runs = plan_runs(plan, level_of)
+            if self._use_process:
+                outputs, result = self._merge_in_worker(plan, runs)
+            else:
+                result = merge_runs(runs, drop_tombstones=plan.drop_tombstones,
+                                    target_file_bytes=opts.target_file_bytes, write_output=self._write_output,
+                                    should_stop=lambda: self._closing)
+                outputs = result["outputs"]
+                if result["stopped"]:
+                    for table in outputs:
+                        table.mark_obsolete()
+                    raise _Cancelled()
             entries_in = sum(t.entries for t in plan.inputs)
-            pending_keys: list = []
-            pending_values: list = []
-            pending_bytes = 0
-            entries_out = tombstones_dropped = 0
-            try:
-                for keys, values in merge_chunks(sources):
-                    if self._closing:
-                        raise _Cancelled()
-                    if plan.drop_tombstones and TOMBSTONE in values:
-                        kept = [(k, v) for k, v in zip(keys, values) if v is not TOMBSTONE]
-                        tombstones_dropped += len(keys) - len(kept)
-                        keys = [k for k, _ in kept]
-                        values = [v for _, v in kept]
-                    pending_keys += keys
-                    pending_values += values
-                    pending_bytes += sum(map(len, keys)) + sum(map(len, values))
-                    if pending_bytes >= opts.target_file_bytes:
-                        outputs.append(self._write_output(pending_keys, pending_values))
-                        entries_out += len(pending_keys)
-                        pending_keys, pending_values, pending_bytes = [], [], 0
-                if pending_keys:
-                    outputs.append(self._write_output(pending_keys, pending_values))
-                    entries_out += len(pending_keys)
-            except BaseException:
-                for table in outputs:
-                    table.mark_obsolete()
-                raise
-            self._counters["tombstones_dropped"] += tombstones_dropped
-            self._counters["versions_dropped"] += entries_in - entries_out - tombstones_dropped
+            self._counters["tombstones_dropped"] += result["tombstones_dropped"]
+            self._counters["versions_dropped"] += entries_in - result["entries_out"] - result["tombstones_dropped"]
             self._counters["compaction_bytes_read"] += sum(t.size for t in plan.inputs)
             self._counters["compaction_bytes_written"] += sum(t.size for t in outputs)
         removed = {t.number for t in plan.inputs}
@@ -699,6 +706,37 @@ class LSMEngine:
             for table in plan.inputs:
                 table.mark_obsolete()
 
+    def _merge_in_worker(self, plan: CompactionPlan, runs: list) -> tuple[list, dict]:
+        """merge_runs in the compaction worker; its outputs renamed into place and opened."""
+        opts = self.lsm_options
+        # Numbers for every table the merge may write: each but the last holds at least
+        # target_file_bytes of keys and values, which the inputs' sizes bound.
+        count = sum(t.size for t in plan.inputs) // opts.target_file_bytes + 2
+        names = [os.path.join(self.path, _file_name(next(self._numbers), "sst")) for _ in range(count)]
+        try:
+            result = self._compaction_worker.call(
+                "compact", runs=[[t.path for t in run] for run in runs],
+                output_paths=[name + WORKER_SUFFIX for name in names], drop_tombstones=plan.drop_tombstones,
+                block_bytes=opts.block_bytes, bloom_bits_per_key=opts.bloom_bits_per_key,
+                target_file_bytes=opts.target_file_bytes)
+        except BaseException:
+            for name in names:
+                for leftover in (name + WORKER_SUFFIX, name + WORKER_SUFFIX + ".tmp"):
+                    try:
+                        os.unlink(leftover)
+                    except FileNotFoundError:
+                        pass
+            if self._closing:
+                raise _Cancelled() from None
+            raise
+        outputs = []
+        for worker_path, _meta in result["outputs"]:
+            table_path = worker_path[: -len(WORKER_SUFFIX)]
+            os.replace(worker_path, table_path)
+            number = int(os.path.basename(table_path).partition(".")[0])
+            outputs.append(Table(table_path, number, self._cache))
+        return outputs, result
+
     def _write_output(self, keys: list, values: list) -> Table:
         number = next(self._numbers)
         table_path = os.path.join(self.path, _file_name(number, "sst"))
@@ -718,8 +756,14 @@ class LSMEngine:
             self._syncer.stop()
         self._closing = True
         self._wake_background()
+        # A merge in a worker is abandoned (its outputs are .tmp files, deleted on open);
+        # a flush is too: its WAL is still there and is replayed on open.
+        self._compaction_worker.kill()
+        self._flush_worker.kill()
         for thread in self._threads:
             thread.join()
+        self._compaction_worker.close()
+        self._flush_worker.close()
         with self._lock, self._fsync_lock:
             self._wal.close(sync=self.options.sync != "never")
         if self._sync_always:
@@ -749,6 +793,7 @@ class LSMEngine:
         except FileNotFoundError:
             pass
         counters = dict(self._counters)
+        counters.update(puts=self._puts, deletes=self._deletes, batches=self._batches, user_bytes=self._user_bytes)
         counters["wal_bytes"] = self._wal_position
         written = counters["wal_bytes"] + counters["flush_bytes"] + counters["compaction_bytes_written"]
         return {

@@ -32,7 +32,7 @@ from array import array
 from bisect import bisect_left
 from collections import OrderedDict
 from itertools import accumulate, chain, repeat
-from operator import add
+from operator import add, is_
 
 from ..base import CorruptionError
 from .bloom import BloomFilter
@@ -59,6 +59,14 @@ class _Tombstone(bytes):
 
     def __repr__(self) -> str:
         return "TOMBSTONE"
+
+    def __reduce__(self):
+        # Unpickled (in the flush and compaction worker) as the singleton itself.
+        return (_the_tombstone, ())
+
+
+def _the_tombstone() -> "_Tombstone":
+    return TOMBSTONE
 
 
 TOMBSTONE = _Tombstone()
@@ -94,7 +102,7 @@ def _pack_u32(values) -> bytes:
 def encode_block(keys: list, values: list) -> bytes:
     """The contents of one data block (without its checksum); `keys` sorted and distinct."""
     n = len(keys)
-    kinds = bytes([v is TOMBSTONE for v in values])
+    kinds = bytes(map(is_, values, repeat(TOMBSTONE)))  # True -> 1 = KIND_DELETE
     return b"".join(
         (
             _U32.pack(n),
@@ -133,23 +141,62 @@ def decode_block(data) -> tuple[list, list]:
     return keys, values
 
 
+def search_block(data: bytes, key: bytes):
+    """The value (maybe TOMBSTONE) of `key` in a block's contents, or None; a binary search
+    over the encoded block, decoding only the keys it compares (a get needs no more).
+
+    Raises ValueError or IndexError when the block's offsets do not hold together."""
+    (n,) = _U32.unpack_from(data, 0)
+    key_ends = _u32_array(data, 4, n)
+    head = 4 + 9 * n
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        begin = key_ends[mid - 1] if mid else 0
+        if data[head + begin:head + key_ends[mid]] < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo == n or data[head + (key_ends[lo - 1] if lo else 0):head + key_ends[lo]] != key:
+        return None
+    kind = data[4 + 8 * n + lo]
+    if kind == KIND_DELETE:
+        return TOMBSTONE
+    if kind != KIND_PUT:
+        raise ValueError(f"entry {lo} has unknown kind {kind}")
+    value_ends = _u32_array(data, 4 + 4 * n, n)
+    values_at = head + key_ends[n - 1]
+    return data[values_at + (value_ends[lo - 1] if lo else 0):values_at + value_ends[lo]]
+
+
 class BlockCache:
     """Decoded blocks shared by every table of an engine, bounded by `capacity_bytes`.
 
     Bounded by the encoded size of the blocks it holds; the decoded lists cost about twice
     that in Python objects. Keys are (table file number, block index). Eviction is
-    first-in first-out (a dict keeps insertion order): a hit is one lock-free dict lookup,
+    first-in first-out (an OrderedDict in insertion order): a hit is one lock-free lookup,
     which matters more to a Python get than LRU's better hit rate would."""
 
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
-        self._blocks: dict = {}
+        # OrderedDict, not dict: popping the oldest of a plain dict leaves holes at its
+        # front that every later `next(iter(...))` walks over (quadratic).
+        self._blocks: OrderedDict = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.misses = 0
 
     def get(self, cache_key):
+        """(block, size) or None. `block` is the verified encoded bytes (cached by a get)
+        or the decoded (keys, values) (cached by a scan)."""
         return self._blocks.get(cache_key)
+
+    def upgrade(self, cache_key, block) -> None:
+        """Replace a cached encoded block by its decoded form (same size accounting)."""
+        with self._lock:
+            entry = self._blocks.get(cache_key)
+            if entry is not None:
+                self._blocks[cache_key] = (block, entry[1])
 
     def put(self, cache_key, block, size: int) -> None:
         if size > self.capacity_bytes:
@@ -161,8 +208,7 @@ class BlockCache:
             self._blocks[cache_key] = (block, size)
             self._bytes += size
             while self._bytes > self.capacity_bytes:
-                oldest = next(iter(self._blocks))
-                self._bytes -= self._blocks.pop(oldest)[1]
+                self._bytes -= self._blocks.popitem(last=False)[1][1]
 
     def drop_table(self, number: int) -> None:
         with self._lock:
@@ -226,7 +272,7 @@ def write_table(path: str, keys: list, values: list, *, block_bytes: int, bloom_
     chunks.append(bloom)
     chunks.append(_U32.pack(zlib.crc32(bloom)))
     offset += len(bloom) + 4
-    tombstones = sum(1 for v in values if v is TOMBSTONE)
+    tombstones = sum(map(is_, values, repeat(TOMBSTONE)))
     head = struct.pack("<QIQIQQ", index_offset, len(index), bloom_offset, len(bloom), n, tombstones)
     chunks.append(_FOOTER.pack(index_offset, len(index), bloom_offset, len(bloom), n, tombstones,
                                zlib.crc32(head), SST_VERSION, SST_MAGIC))
@@ -358,14 +404,19 @@ class Table:
         cache_key = (self.number, index)
         entry = self._cache.get(cache_key) if use_cache else None
         if entry is not None:
-            return entry[0]
-        offset = self._offsets[index]
-        data = self._read(offset, self._sizes[index])
+            block = entry[0]
+            if block.__class__ is not bytes:
+                return block
+            data = block  # encoded, cached by a get: decode it once, for every later scan
+        else:
+            data = self._read(self._offsets[index], self._sizes[index])
         try:
             block = decode_block(data)
         except (ValueError, struct.error) as exc:
-            raise CorruptionError(self.path, offset, f"bad data block: {exc}") from None
-        if use_cache:
+            raise CorruptionError(self.path, self._offsets[index], f"bad data block: {exc}") from None
+        if entry is not None:
+            self._cache.upgrade(cache_key, block)
+        elif use_cache:
             self._cache.put(cache_key, block, len(data))
         return block
 
@@ -385,7 +436,20 @@ class Table:
         if index == len(self.last_keys):
             return None
         entry = self._cache.get((self.number, index))
-        keys, values = entry[0] if entry is not None else self.block(index)
+        if entry is None:
+            # Not cached: search the encoded block (a full decode costs 3x more), and cache
+            # it encoded; a scan that reads it later decodes it in place.
+            data = self._read(self._offsets[index], self._sizes[index])
+            self._cache.put((self.number, index), data, len(data))
+            block = data
+        else:
+            block = entry[0]
+        if block.__class__ is bytes:
+            try:
+                return search_block(block, key)
+            except (ValueError, IndexError, struct.error) as exc:
+                raise CorruptionError(self.path, self._offsets[index], f"bad data block: {exc}") from None
+        keys, values = block
         i = bisect_left(keys, key)
         if i < len(keys) and keys[i] == key:
             return values[i]

@@ -91,16 +91,46 @@ class WalReplay:
         self.torn_reason = ""
 
 
-def replay(path: str, *, cut: bool = True) -> WalReplay:
+def _valid_record_after(data: bytes, bad_at: int, bad_length: int) -> int | None:
+    """Where a whole record with a good checksum starts after the bad one at `bad_at`, or None.
+
+    A torn write leaves nothing valid behind it; damage in the middle of a log does. Tries
+    the offset the bad record's length points to, then every later byte (the length itself
+    may be what was damaged): a cost of about one record's size, paid only after damage.
+    """
+    end = len(data)
+
+    def is_record(at: int) -> bool:
+        if at + RECORD_HEADER_SIZE > end:
+            return False
+        crc, length = _RECORD.unpack_from(data, at)
+        body = at + RECORD_HEADER_SIZE
+        return 0 < length <= end - body and _crc32(data[body:body + length]) == crc
+
+    pointed = bad_at + RECORD_HEADER_SIZE + bad_length
+    if bad_length and is_record(pointed):
+        return pointed
+    for at in range(bad_at + 1, end - RECORD_HEADER_SIZE + 1):
+        if is_record(at):
+            return at
+    return None
+
+
+def replay(path: str, *, cut: bool = True, newest: bool = True) -> WalReplay:
     """Read every whole, checksummed record of the log at `path`.
 
     A torn tail (short header, record past the end of file, checksum mismatch) ends the
     replay; with `cut` the file is truncated there so new appends follow good records.
-    A bad magic or version is not a tail: it raises `CorruptionError` naming the file.
+    Only the newest log can have a torn tail: every older one was complete (and, unless
+    sync="never", fsynced) when the next was started. So a bad record in an older log, or
+    one followed by a valid record in the newest, is damage, not a tail: `CorruptionError`
+    naming the file, as is a bad magic or version.
     """
     result = WalReplay(path)
     with open(path, "rb") as f:
         data = f.read()
+    if len(data) < HEADER_SIZE and not newest:
+        raise CorruptionError(path, 0, f"log of {len(data)} bytes is shorter than its header, and newer logs exist")
     if len(data) < HEADER_SIZE:
         # The header is written with the file's creation, so a shorter log lost its end
         # (or never got its header out before a crash). Either way no record survives:
@@ -145,6 +175,13 @@ def replay(path: str, *, cut: bool = True) -> WalReplay:
             raise CorruptionError(path, pos, f"record with a good checksum does not parse: {exc}") from None
         pos = body + length
     view.release()
+    if pos < end:
+        if not newest:
+            raise CorruptionError(path, pos, f"{result.torn_reason}, in a log that newer logs follow")
+        length = _RECORD.unpack_from(data, pos)[1] if pos + RECORD_HEADER_SIZE <= end else 0
+        following = _valid_record_after(data, pos, length)
+        if following is not None:
+            raise CorruptionError(path, pos, f"{result.torn_reason}, yet a valid record follows at byte {following}")
     result.good_bytes = pos
     result.torn_bytes = end - pos
     if result.torn_bytes and cut:

@@ -20,7 +20,6 @@ Each check returns a list of problems as sentences (empty: fine), bounded by `li
 """
 from __future__ import annotations
 
-import heapq
 from typing import Iterable, Sequence
 
 from .history import Op

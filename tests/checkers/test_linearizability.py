@@ -18,7 +18,6 @@ from tests.checkers.linearizability import (
     NOT_LINEARIZABLE,
     UNKNOWN,
     check,
-    check_key,
     step,
 )
 

@@ -9,7 +9,6 @@ import time
 import pytest
 
 from api.service import InvalidRequest, OutcomeUnknown, PreconditionFailed, Unavailable
-from consensus.state_machine import make_barrier
 
 from consensus import snapshot as snapshot_file
 from consensus.service import create_service
@@ -192,8 +191,9 @@ async def test_a_full_restart_keeps_every_write_and_revision(tmp_path, engine):
         await c.stop()
 
 
-async def test_restart_after_a_snapshot_and_catch_up_of_an_empty_node(tmp_path):
-    configs = make_configs(str(tmp_path), sync="always")
+@pytest.mark.parametrize("engine", ["memory", "lsm"])
+async def test_restart_after_a_snapshot_and_catch_up_of_an_empty_node(tmp_path, engine):
+    configs = make_configs(str(tmp_path), sync="always", engine=engine)
     c = Cluster(configs)
     await c.start()
     leader = await c.wait_leader()

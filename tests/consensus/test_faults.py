@@ -71,3 +71,32 @@ async def test_no_acknowledged_increment_is_lost_or_doubled_across_leader_change
             assert kv.version == len(acked)
     finally:
         await cluster.stop()
+
+
+async def test_a_large_snapshot_does_not_stall_writes_or_elections(tmp_path):
+    cluster = Cluster(make_configs(str(tmp_path), sync="always"))
+    await cluster.start()
+    try:
+        leader_id = await cluster.wait_leader()
+        leader = cluster.services[leader_id]
+        value = b"v" * 200
+        batch = 200
+        for start in range(0, 30_000, batch):
+            await asyncio.gather(*(leader.put(b"big/%06d" % i, value) for i in range(start, start + batch)))
+        changes_before = sum(s.metrics()["raft_leader_changes_total"] for s in cluster.running())
+        for service in cluster.running():
+            service.force_snapshot()
+        latencies = []
+        loop = asyncio.get_running_loop()
+        while not all(s.metrics()["raft_snapshots_written"] >= 1 for s in cluster.running()):
+            started = loop.time()
+            await leader.put(b"during", b"x", timeout=5.0)
+            latencies.append(loop.time() - started)
+            assert len(latencies) < 20_000, "the snapshots never finished"
+        seconds = max(s.metrics()["raft_snapshot_last_seconds"] for s in cluster.running())
+        print(f"\nsnapshot of 30000 keys: {seconds:.2f} s; {len(latencies)} writes meanwhile, "
+              f"max latency {max(latencies) * 1000:.1f} ms")
+        assert max(latencies) < 0.4, "a write waited about an election timeout: heartbeats stalled"
+        assert sum(s.metrics()["raft_leader_changes_total"] for s in cluster.running()) == changes_before
+    finally:
+        await cluster.stop()

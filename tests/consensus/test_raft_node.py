@@ -55,3 +55,54 @@ def test_mismatched_prev_and_snapshot_messages_pass_unchanged():
     assert trim_append_entries(beyond, term_at, last) is beyond
     chunk = dict(message(2, 1, []), transmission="start", data=b"")
     assert trim_append_entries(chunk, term_at, last) is chunk
+
+
+class FakeJournal:
+    def __init__(self, events):
+        self.events = events
+        self.dirty = False
+
+    def add(self, index):
+        self.dirty = True
+        self.events.append(("append", index))
+
+    def sync(self):
+        if self.dirty:
+            self.dirty = False
+            self.events.append(("sync",))
+
+
+class FakeTransport:
+    def __init__(self, events):
+        self.events = events
+
+    def send_now(self, node, message):
+        self.events.append(("send", message["next_node_idx"]))
+
+
+def durability(sync):
+    from consensus.raft_node import RaftOptions, _Durability
+
+    events = []
+    d = _Durability(sync, RaftOptions())
+    d.journal, d.transport = FakeJournal(events), FakeTransport(events)
+    return d, events
+
+
+def test_with_sync_always_an_acknowledgement_waits_for_the_journal_sync():
+    d, events = durability("always")
+    assert d.holds_replies
+    for index in (5, 6):
+        d.journal.add(index)
+        d.hold("leader", {"type": "next_node_idx", "next_node_idx": index + 1, "success": True})
+    assert events == [("append", 5), ("append", 6)], "nothing is acknowledged before the sync"
+    d.on_tick()
+    assert events == [("append", 5), ("append", 6), ("sync",), ("send", 6), ("send", 7)]
+    d.on_tick()
+    assert events[-1] == ("send", 7), "a clean journal is not synced again and nothing is resent"
+
+
+def test_with_sync_batch_or_never_replies_are_not_held():
+    for sync in ("batch", "never"):
+        d, _ = durability(sync)
+        assert not d.holds_replies

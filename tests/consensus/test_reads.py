@@ -48,14 +48,17 @@ async def test_one_barrier_serves_every_read_waiting_for_it():
     later = [asyncio.ensure_future(barrier.wait()) for _ in range(50)]
     await settle()
     assert len(log.proposed) == 1, "B2 waits until B1 finishes"
+    barrier._check()
     log.commit_next()
     await settle()
+    barrier._check()
     assert first.done() and not any(r.done() for r in later)
     assert len(log.proposed) == 2, "B2 proposed once B1 finished"
     log.commit_next()
     await settle()
     assert all(r.done() for r in later)
-    assert barrier.barriers == 2 and barrier.reads == 51
+    barrier._check()
+    assert barrier.barriers == 2 and barrier.reads == 51 and barrier.pending() == 0
 
 
 async def test_a_read_sees_writes_that_completed_before_it_arrived():

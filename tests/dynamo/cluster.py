@@ -13,7 +13,7 @@ SECRET = "test-secret"
 FAST = APOptions(
     probe_interval_s=0.1,
     handoff_interval_s=0.05,
-    coordinator=CoordinatorLimits(peer_timeout_s=0.5, read_repair_wait_s=0.3),
+    coordinator=CoordinatorLimits(peer_timeout_s=1.0, read_repair_wait_s=0.3),
 )
 
 

@@ -197,3 +197,81 @@ def test_lww_cluster_never_returns_siblings(tmp_path):
         asyncio.run(scenario())
     finally:
         cluster.stop()
+
+
+def test_a_node_joins_through_a_running_node_and_receives_its_keys(tmp_path):
+    """n1..n4 run from a 4-node cluster file; n5 starts from a 5-node file with
+    `--join <n1's URL>`: n1 adds it and tells the others, and keys move to it."""
+    from clusters.spec import free_ports
+
+    secret = "join-test-secret"
+    four = write_cluster_file(tmp_path / "four.toml", 4, name="four", secret=secret)
+    ports = [(int(n.client_url.rsplit(":", 1)[1]), int(n.peer_address.rsplit(":", 1)[1])) for n in four.nodes]
+    client_port, peer_port = free_ports(2)
+    write_cluster_file(tmp_path / "five.toml", 5, name="five", secret=secret, ports=ports + [(client_port, peer_port)])
+    data = tmp_path / "data"
+    old = LocalCluster(tmp_path / "four.toml", mode="ap", data_dir=data, engine="lsm", sync="never")
+    new = LocalCluster(tmp_path / "five.toml", mode="ap", data_dir=data, engine="lsm", sync="never",
+                       node_args={"n5": ("--join", four.nodes[0].client_url)})
+    old.start(timeout=60)
+    try:
+        async def scenario():
+            c = Client(old)
+            try:
+                for i in range(40):
+                    status, _ = await c.put(NODES[i % 4], f"join/{i}", b"j%d" % i)
+                    assert status == 200
+                await asyncio.to_thread(new.restart, "n5")
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 30
+                while len((await c.json("n1", "/v1/cluster"))["members"]) < 5 and loop.time() < deadline:
+                    await asyncio.sleep(0.2)
+                assert [m["id"] for m in (await c.json("n3", "/v1/cluster"))["members"]] == NODES
+                owned = []
+                for i in range(40):
+                    preference = (await c.json("n2", f"/v1/cluster/preflist/join/{i}"))["preference_list"]
+                    if "n5" in preference:
+                        owned.append(i)
+                assert owned
+                while loop.time() < deadline:
+                    held = [await _local(new, "n5", f"join/{i}".encode()) for i in owned]
+                    if all(obj is not None for obj in held):
+                        break
+                    await asyncio.sleep(0.2)
+                assert all(obj is not None and obj.live_values == [b"j%d" % i] for obj, i in zip(held, owned))
+                for i in range(40):
+                    status, body = await c.get(NODES[i % 4], f"join/{i}")
+                    assert body["value"] == f"j{i}"
+            finally:
+                await c.close()
+
+        asyncio.run(scenario())
+    finally:
+        new.stop()
+        old.stop()
+
+
+async def test_a_paused_primary_costs_one_peer_timeout_then_fallbacks_take_over(ap5, client):
+    key = "paused/key"
+    preference = (await client.json("n1", f"/v1/cluster/preflist/{key}"))["preference_list"]
+    victim = preference[0]
+    coordinator = next(n for n in NODES if n not in preference)
+    await asyncio.to_thread(ap5.pause, victim)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for i in range(5):
+            status, body = await client.put(coordinator, key, b"p%d" % i, w=2, timeout_ms=4000)
+            assert status == 200, body
+        assert loop.time() - started < 8  # the first write waits out the peer timeout, the rest skip the node
+        status, body = await client.get(coordinator, key)
+        assert status == 200 and "p4" in values(body)
+    finally:
+        await asyncio.to_thread(ap5.resume, victim)
+    deadline = loop.time() + 20
+    while loop.time() < deadline:
+        obj = await _local(ap5, victim, key.encode())
+        if obj is not None and "p4" in [v.decode() for v in obj.live_values]:
+            break
+        await asyncio.sleep(0.2)
+    assert obj is not None and b"p4" in obj.live_values

@@ -12,7 +12,7 @@ from dynamo.node import ReplicaLimits
 from dynamo.service import DynamoService
 from dynamo.vclock import PrunePolicy
 
-from .cluster import FAST, SECRET, free_ports
+from .cluster import FAST, free_ports
 from .test_service import wait_for
 
 pytestmark = pytest.mark.timeout(60)

@@ -231,3 +231,36 @@ async def test_range_pages_past_deleted_keys(cluster):
             await c["n1"].delete(b"p/%02d" % i, context=ctx)
     items, partial = await c["n2"].range(b"p/", limit=5)
     assert [r.key for r in items] == [b"p/%02d" % i for i in range(6, 11)] and not partial
+
+
+async def test_no_doomstone_a_late_handoff_of_an_old_value_cannot_resurrect_it(cluster):
+    """Fallback F1 holds v1 for a dead primary and then goes away itself; the key is deleted
+    and re-created (v2) meanwhile (F2 stands in). The primary returns, then F1 returns and
+    hands its stale v1 over. v1 must stay dead (research pitfall 4, Riak's doomstone)."""
+    c = await cluster(5, engine="hash")
+    key = b"doom"
+    preflist = c["n1"].preflist(key)
+    preference, (f1, f2) = preflist["preference_list"], preflist["fallbacks"]
+    away = preference[0]
+    coordinator = c[preference[1]]
+    await c.kill(away)
+    await coordinator.put(key, b"v1", w=3)
+    # normally f1 took the hint; under load a slow f1 may have been replaced by f2
+    if c[f1].metrics()["ap_hints_pending"] == 0:
+        f1, f2 = f2, f1
+    assert c[f1].metrics()["ap_hints_pending"] == 1
+    await c.kill(f1)
+    read = await coordinator.get(key, r=2)
+    await coordinator.delete(key, context=read.context, w=3)
+    gone = await coordinator.get(key)
+    assert gone.siblings == []
+    await coordinator.put(key, b"v2", context=gone.context, w=3)
+    assert c[f2].metrics()["ap_hints_pending"] == 1
+    await c.start(away)
+    await wait_for(lambda: c[f2].metrics()["ap_hints_pending"] == 0, timeout=15)
+    await c.start(f1)
+    await wait_for(lambda: c[f1].metrics()["ap_hints_pending"] == 0, timeout=15)
+    assert c[f1].metrics()["ap_hints_delivered_total"] == 1
+    assert c[away].local_get(key).siblings == [b"v2"]
+    for node in c.nodes.values():
+        assert (await node.get(key, r=3)).siblings == [b"v2"]

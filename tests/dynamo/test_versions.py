@@ -3,7 +3,6 @@ import random
 
 from hypothesis import given, settings, strategies as st
 
-from dynamo import versions
 from dynamo.vclock import PrunePolicy, VClock
 from dynamo.versions import decode_object, encode_object, merge, new_write
 

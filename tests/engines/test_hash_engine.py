@@ -485,3 +485,32 @@ def test_check_catches_drifted_accounting(open_hash):
     with pytest.raises(AssertionError):
         engine._check()
     del engine._keydir[b"b"]
+
+
+def test_merge_refuses_to_copy_a_damaged_record(open_hash):
+    engine = open_hash(auto_merge=False)
+    for i in range(200):
+        engine.put(b"k%03d" % i, b"value-%03d" % i + b"." * 30)
+    file_id, offset, size = engine._keydir[b"k010"]
+    assert file_id != engine._active_id
+    damaged = os.path.join(open_hash.path, fmt.data_file_name(file_id))
+    flip(damaged, offset + size - 6)
+    with pytest.raises(CorruptionError) as info:
+        engine.merge()
+    assert info.value.path == damaged
+    # nothing was lost or deleted: every other key still reads, the damaged file stays
+    assert os.path.exists(damaged)
+    assert all(engine.get(b"k%03d" % i) == b"value-%03d" % i + b"." * 30 for i in range(200) if i != 10)
+
+
+
+def test_one_engine_per_directory(open_hash):
+    from engines import EngineError
+
+    first = open_hash()
+    first.put(b"a", b"1")
+    with pytest.raises(EngineError, match="in use"):
+        HashEngine(open_hash.path)
+    first.close()
+    again = open_hash()
+    assert again.get(b"a") == b"1"

@@ -70,9 +70,10 @@ def test_flush_writes_a_table_and_empties_the_wal(path):
     engine.close()
 
 
-def test_compaction_keeps_every_key_and_drops_shadowed_versions_and_tombstones(path):
+@pytest.mark.parametrize("process", [False, True], ids=["threads", "worker-process"])
+def test_compaction_keeps_every_key_and_drops_shadowed_versions_and_tombstones(path, process):
     rng = random.Random(7)
-    engine = LSMEngine(path, **SMALL, background_compaction=False)
+    engine = LSMEngine(path, **SMALL, background_process=process, background_compaction=False)
     model = {}
     keys = [b"key-%05d" % i for i in range(1500)]
     # five generations of every key, then delete a third of them
@@ -103,14 +104,15 @@ def test_compaction_keeps_every_key_and_drops_shadowed_versions_and_tombstones(p
     assert dict(engine.scan()) == model
     assert all(engine.get(key) == model.get(key) for key in keys)
     engine.close()
-    engine = LSMEngine(path, **SMALL)
+    engine = LSMEngine(path, **SMALL, background_process=process)
     assert dict(engine.scan()) == model
     engine.close()
 
 
-def test_background_compaction_bounds_level_zero_and_keeps_levels_sorted(path):
+@pytest.mark.parametrize("process", [False, True], ids=["threads", "worker-process"])
+def test_background_compaction_bounds_level_zero_and_keeps_levels_sorted(path, process):
     rng = random.Random(3)
-    engine = LSMEngine(path, **SMALL)
+    engine = LSMEngine(path, **SMALL, background_process=process)
     model = {}
     for i in range(6000):
         key = random_key(rng)
@@ -217,9 +219,10 @@ def test_get_of_absent_keys_skips_tables_by_bloom_filter(path):
 # ----------------------------------------------------------------------- scans under change
 
 
-def test_scans_across_memtable_and_tables_during_writes_and_compaction(path):
+@pytest.mark.parametrize("process", [False, True], ids=["threads", "worker-process"])
+def test_scans_across_memtable_and_tables_during_writes_and_compaction(path, process):
     """Keys that no writer touches must appear in every scan, in order, exactly once."""
-    engine = LSMEngine(path, **SMALL)
+    engine = LSMEngine(path, **SMALL, background_process=process)
     stable = {b"stable-%05d" % i: b"s%05d" % i for i in range(0, 3000, 3)}
     for key, value in stable.items():
         engine.put(key, value)
@@ -320,9 +323,10 @@ def test_scan_with_limit_and_reverse_over_many_tables(path):
 # ----------------------------------------------------------------------- recovery
 
 
-def test_reopen_keeps_everything_in_tables_and_logs(path):
+@pytest.mark.parametrize("process", [False, True], ids=["threads", "worker-process"])
+def test_reopen_keeps_everything_in_tables_and_logs(path, process):
     rng = random.Random(9)
-    engine = LSMEngine(path, **SMALL)
+    engine = LSMEngine(path, **SMALL, background_process=process)
     model = {}
     for i in range(4000):
         key = random_key(rng)
@@ -337,7 +341,7 @@ def test_reopen_keeps_everything_in_tables_and_logs(path):
     model[b"batch-b"] = b"2"
     engine.close()
     assert files(path, ".wal"), "the test needs writes that are only in a log"
-    engine = LSMEngine(path, **SMALL)
+    engine = LSMEngine(path, **SMALL, background_process=process)
     engine._check()
     assert list(engine.scan()) == sorted(model.items())
     assert engine.stats()["wal_torn_tails"] == 0
@@ -370,24 +374,49 @@ def test_torn_wal_tail_is_cut_reported_and_counted(path):
     engine.close()
 
 
-def test_a_torn_older_log_keeps_newer_logs_from_replaying(path):
-    """Recovery yields a prefix of the writes: after a hole, nothing later is replayed."""
-    engine = LSMEngine(path, **SMALL)
-    engine.close()
-    # Two logs by hand: 000100 torn in its second record, 000101 intact.
+def test_damage_before_the_last_record_is_corruption_not_a_tail(path):
+    """Only the newest log's last record can be torn by a crash. A bad record in an older
+    log, or one followed by good records, is damage: cutting there would silently drop
+    acknowledged writes from the middle of the history."""
     from engines.lsm.wal import WalWriter
 
-    first = WalWriter(os.path.join(path, "000100.wal"), 100)
-    first.append(encode_put(b"a", b"1"))
-    first.append(encode_put(b"b", b"2"))
-    first.close(sync=True)
-    os.truncate(first.path, os.path.getsize(first.path) - 1)
-    second = WalWriter(os.path.join(path, "000101.wal"), 101)
-    second.append(encode_put(b"c", b"3"))
-    second.close(sync=True)
     engine = LSMEngine(path, **SMALL)
-    assert (engine.get(b"a"), engine.get(b"b"), engine.get(b"c")) == (b"1", None, None)
-    assert engine.stats()["wal_dropped_logs"] == 1
+    engine.close()
+    for name in files(path, ".wal"):
+        os.unlink(os.path.join(path, name))
+    older = WalWriter(os.path.join(path, "000100.wal"), 100)
+    older.append(encode_put(b"a", b"1"))
+    older.append(encode_put(b"b", b"2"))
+    older.close(sync=True)
+    newer = WalWriter(os.path.join(path, "000101.wal"), 101)
+    for i in range(3):
+        newer.append(encode_put(b"c%d" % i, b"3" * 50))
+    newer.close(sync=True)
+    pristine = path + "-pristine"
+    shutil.copytree(path, pristine)
+
+    os.truncate(older.path, os.path.getsize(older.path) - 1)  # older log torn
+    with pytest.raises(CorruptionError) as caught:
+        LSMEngine(path, **SMALL)
+    assert caught.value.path == older.path
+
+    shutil.rmtree(path)
+    shutil.copytree(pristine, path)
+    with open(newer.path, "r+b") as f:  # first record of the newest log damaged
+        f.seek(WAL_HEADER_SIZE + 20)
+        f.write(b"X")
+    with pytest.raises(CorruptionError, match="valid record follows") as caught:
+        LSMEngine(path, **SMALL)
+    assert caught.value.path == newer.path
+
+    shutil.rmtree(path)
+    shutil.copytree(pristine, path)
+    with open(newer.path, "r+b") as f:  # last record of the newest log damaged: a tail
+        f.seek(os.path.getsize(newer.path) - 5)
+        f.write(b"X")
+    engine = LSMEngine(path, **SMALL)
+    assert [engine.get(b"c%d" % i) for i in range(3)] == [b"3" * 50, b"3" * 50, None]
+    assert engine.get(b"a") == b"1" and engine.stats()["wal_torn_tails"] == 1
     engine.close()
 
 
@@ -571,7 +600,7 @@ def test_wal_replay_cuts_garbage_after_the_last_record(tmp_path):
 
 
 def test_background_error_stops_writes_with_a_clear_error(path, monkeypatch):
-    engine = LSMEngine(path, **SMALL)
+    engine = LSMEngine(path, **SMALL, background_process=False)  # the failure is patched in-process
     import engines.lsm.engine as engine_module
 
     def broken(*args, **kwargs):
@@ -584,7 +613,7 @@ def test_background_error_stops_writes_with_a_clear_error(path, monkeypatch):
     assert "No space left" in engine.stats()["background_error"]
     engine.close()
     monkeypatch.undo()
-    engine = LSMEngine(path, **SMALL)  # the logs still hold every acknowledged write
+    engine = LSMEngine(path, **SMALL, background_process=False)  # the logs still hold every write
     assert engine.get(b"k00000") == b"v" * 50
     engine.close()
     shutil.rmtree(path)

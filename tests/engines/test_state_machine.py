@@ -2,7 +2,8 @@
 
 Rules put, delete, write a batch (sometimes with one bad op, which must change nothing),
 get and scan (random bounds, direction and limit) and, for engines with files, close and
-reopen and call the engine's own `flush()` / `compact()` / `merge()` when it has them.
+reopen, tear the last record off the active log (as a crash mid-append would) and reopen,
+and call the engine's own `flush()` / `compact()` / `merge()` when it has them.
 After every step `engine._check()` asserts the engine's own invariants. Files are small
 (`SMALL_FILE_OPTIONS`) so a few dozen steps already flush, rotate and compact.
 
@@ -17,6 +18,7 @@ The default run is small (a few seconds per engine); `-m slow` runs many more ex
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 
@@ -27,7 +29,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from engines import ENGINE_KINDS, InvalidArgument, open_engine
 
-from .conftest import engine_options, maintenance_methods, model_scan, require_engine
+from .conftest import engine_files, engine_options, maintenance_methods, model_scan, require_engine, tail_cuts
 
 # A small pool of keys (with prefixes of one another, 0x00 and 0xff) so that steps hit the
 # same keys again; plus arbitrary keys now and then.
@@ -48,6 +50,16 @@ ops = st.one_of(
 bad_ops = st.sampled_from(
     [("put", b"", b"v"), ("put", "str", b"v"), ("put", b"k", None), ("delete", b"k", b"v"), ("merge", b"k", b"v"), ("put", b"k")]
 )
+
+
+def file_sizes(path: str) -> dict[str, int]:
+    sizes = {}
+    for name in engine_files(path):
+        try:
+            sizes[name] = os.path.getsize(os.path.join(path, name))
+        except FileNotFoundError:
+            pass  # a temporary file of background work, gone meanwhile
+    return sizes
 
 
 def make_machine(kind: str) -> type[RuleBasedStateMachine]:
@@ -114,6 +126,34 @@ def make_machine(kind: str) -> type[RuleBasedStateMachine]:
         def reopen(self):
             self.engine.close()
             self.engine = open_engine(kind, self.path, **self.options)
+            assert list(self.engine.scan()) == model_scan(self.model)
+
+        @precondition(lambda self: persistent)
+        @rule(value=values, cut=st.integers(min_value=1, max_value=1 << 16))
+        def torn_tail(self, value, cut):
+            """Write one more record, then close and cut up to its whole length off the end
+            of the file it went to (the active log), as a crash during the append would.
+            The engine must come back with exactly the state before that write."""
+            key = b"\xfe-last-write"
+            self.engine.sync()
+            before = file_sizes(self.path)
+            self.engine.put(key, value)
+            self.engine.sync()
+            after = file_sizes(self.path)
+            grown = [name for name in after if name in before and after[name] > before[name]]
+            self.engine.close()
+            if len(grown) != 1:
+                # a rotation or background work made it ambiguous: keep the write, no damage
+                self.model[key] = value
+            else:
+                name = grown[0]
+                record = after[name] - before[name]
+                os.truncate(os.path.join(self.path, name), after[name] - min(cut, record))
+            self.engine = open_engine(kind, self.path, **self.options)
+            if len(grown) == 1:
+                self.model.pop(key, None)
+                if cut < record:
+                    assert tail_cuts(self.engine.stats()) >= 1, "a torn tail was cut but stats() does not count it"
             assert list(self.engine.scan()) == model_scan(self.model)
 
         @precondition(lambda self: bool(maintenance_methods(self.engine)))

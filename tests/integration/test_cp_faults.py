@@ -1,18 +1,20 @@
 """The cp mode on real processes, under the faults a server meets: crashes, freezes, restarts.
 
 Each test starts its own 3-node cluster on free ports (the `cp_cluster` fixture, with
-`--sync always`, the default a user gets), does what a user
-would, hurts the cluster with the launcher (SIGKILL, SIGSTOP, SIGTERM), and checks what a
-user would notice:
+`--sync always`, the default a user gets), does what a user would, hurts the cluster with
+the launcher (SIGKILL, SIGSTOP, SIGTERM), and checks what a user would notice:
 
 - the leader is SIGKILLed under write load: a new leader serves within 3 s, no
   acknowledged write is lost on any node, and the killed node catches up after restart;
 - two of three nodes are down or frozen: the survivor refuses writes and linearizable
   reads with 503/504 within the request's timeout, but still serves serializable reads;
 - six clients increment one counter 15 times each with compare-and-swap: it ends at 90;
-- every node is stopped (or killed) and restarted: every key keeps its value and revisions.
+- every node is stopped (or killed) and restarted: every key keeps its value and revisions;
+- every node is SIGKILLed at once under write load: no acknowledged write is lost;
+- a write retried with its request_id (another node, after a full crash) applies once.
 
-Measured figures are printed (`-s` shows them).
+Measured figures are printed (`-s` shows them). Variants marked `slow` add the same
+faults on other engines and timings.
 """
 from __future__ import annotations
 
@@ -178,7 +180,10 @@ def timed(call) -> tuple[Response | str, float]:
     return answer, time.monotonic() - started
 
 
-@pytest.mark.parametrize("survivor_role, how", [("leader", "pause"), ("follower", "pause"), ("follower", "kill")])
+@pytest.mark.parametrize(
+    "survivor_role, how",
+    [("leader", "pause"), ("follower", "kill"), pytest.param("follower", "pause", marks=pytest.mark.slow)],
+)
 def test_a_node_without_quorum_refuses_within_the_timeout_but_serves_serializable_reads(cp_cluster, survivor_role, how):
     cluster = cp_cluster(sync="always")
     wait_for_write(cluster)
@@ -296,7 +301,7 @@ def increment(client: NodeClient, urls: list[str], first: int, key: str, limit_s
             node += 1
 
 
-@pytest.mark.parametrize("fault", ["none", "leader killed"])
+@pytest.mark.parametrize("fault", ["none", "leader killed", pytest.param("leader paused", marks=pytest.mark.slow)])
 def test_compare_and_swap_counter_counts_every_increment_once(cp_cluster, fault):
     clients, increments, key = 6, 15, "counter"
     cluster = cp_cluster(sync="always")
@@ -381,10 +386,11 @@ def test_full_restart_keeps_every_key_and_revision(cp_cluster, how):
     client.close()
 
 
-def test_killing_every_node_at_once_under_write_load_loses_no_acknowledged_write(cp_cluster):
+@pytest.mark.parametrize("engine", ["lsm", pytest.param("hash", marks=pytest.mark.slow)])
+def test_killing_every_node_at_once_under_write_load_loses_no_acknowledged_write(cp_cluster, engine):
     """A power-cut-like crash of the whole cluster (SIGKILL to all three in one go) while
     writes are in flight: whatever was acknowledged must be there after the restart."""
-    cluster = cp_cluster(sync="always")
+    cluster = cp_cluster(sync="always", engine=engine)
     wait_for_write(cluster)
     client = NodeClient(timeout=10)
     with Writers(cluster, prefix="crash/") as writers:
@@ -401,4 +407,36 @@ def test_killing_every_node_at_once_under_write_load_loses_no_acknowledged_write
     for node in cluster.nodes:
         lost = missing_writes(acknowledged, read_prefix(client, cluster.url(node), "crash/"))
         assert not lost, f"{len(lost)} acknowledged writes missing on {node} after the crash: {lost[:10]}"
+    client.close()
+
+
+def test_a_retried_write_applies_once_through_any_node_and_across_a_full_crash(cp_cluster):
+    """What a client does after a 504: send the same write again, with the same request_id,
+    maybe to another node, maybe after the whole cluster crashed. It must not apply twice:
+    the retry answers with the first write's result, and a later write stays on top."""
+    cluster = cp_cluster(sync="always")
+    wait_for_write(cluster)
+    client = NodeClient(timeout=10)
+    first, second, third = cluster.urls
+    original = client.put(first, "retry/k", "v1", request_id="write-a", timeout_ms=5000)
+    assert original.status == 200
+    assert client.put(second, "retry/k", "v2", request_id="write-b", timeout_ms=5000).status == 200
+    retried = client.put(third, "retry/k", "v1", request_id="write-a", timeout_ms=5000)
+    assert (retried.status, retried.body["revision"]) == (200, original.body["revision"])
+    assert value_of(client.get(first, "retry/k").body) == "v2"
+    cas = [client.put(url, "retry/c", "1", if_mod_revision=0, request_id="cas-a", timeout_ms=5000) for url in (first, second)]
+    assert [a.status for a in cas] == [200, 200] and cas[0].body == cas[1].body
+
+    for node in list(cluster.nodes):
+        cluster.kill(node)
+    for node in list(cluster.nodes):
+        cluster.restart(node, wait=False)
+    cluster.wait_healthy(timeout=60)
+    cluster.leader(timeout=30)
+    client.close()
+    client = NodeClient(timeout=10)
+    retried = client.put(second, "retry/k", "v1", request_id="write-a", timeout_ms=5000)
+    assert (retried.status, retried.body.get("revision")) == (200, original.body["revision"]), retried
+    final = client.get(third, "retry/k")
+    assert (value_of(final.body), final.body["version"]) == ("v2", 2)
     client.close()

@@ -34,9 +34,9 @@ import dataclasses
 import http.client
 import json
 import random
-import socket
 import threading
 import time
+import traceback
 import urllib.parse
 import uuid
 from collections import Counter
@@ -277,6 +277,9 @@ class Workload:
                     time.sleep(config.think_ms / 1000)
         except HistoryFull:
             return
+        except Exception as error:  # a bug here must not pass for a quiet client
+            self._unexpected(f"client {number} crashed: {traceback.format_exc()}")
+            raise error
         finally:
             client.close()
 

@@ -7,14 +7,16 @@
 The run: 5 nodes (N=3 R=2 W=2) on a SimNetwork with delay, loss and duplication; clients
 do blind writes, read-modify-writes with their last read's context, deletes with context
 and reads on a few hot keys, through random nodes; a fault schedule partitions the
-network, crashes and restarts nodes (their engine survives: a process crash, not a disk
-loss). Then everything heals, time passes for handoff, every key is read with r=N (read
+network, crashes and restarts nodes (their engine survives, minus a random suffix of the
+writes of the last `loss_window_s` seconds that no sync covered: `kill -9` with
+`--sync never`). Then everything heals, time passes for handoff, every key is read with r=N (read
 repair), and the checker compares each key's final siblings with the history:
 
 * every acknowledged write must still be a sibling unless some later write's context had
   seen it (a write that was attempted, acked or not, may have superseded what it saw);
 * no sibling may hold a value nobody wrote;
-* all primaries must hold the same version (convergence).
+* all primaries must hold the same version (convergence), and a coverage read (range)
+  must return exactly the keys and siblings the per-key reads returned.
 
 `lww` mode keeps one sibling per key, so it loses concurrent acked writes: `lost_acked`
 counts them (vclock mode must lose none).
@@ -41,8 +43,37 @@ OPTIONS = APOptions(
 )
 
 
-class DurableMemoryEngine(MemoryEngine):
-    """A memory engine that survives its node's crash (close is a no-op)."""
+class CrashableMemoryEngine(MemoryEngine):
+    """A memory engine that survives its node's crash (close is a no-op), except for the
+    writes of the last `loss_window_s` not covered by a `sync()`: `crash()` undoes a random
+    suffix of those, as `kill -9` with `--sync never` loses what was not yet on disk."""
+
+    def __init__(self, clock, rng, loss_window_s: float):
+        super().__init__()
+        self.clock, self.rng, self.loss_window_s = clock, rng, loss_window_s
+        self._undo: list[tuple[float, list[tuple[bytes, bytes | None]]]] = []  # (time, old values)
+        self.lost_batches = 0
+
+    def write(self, batch) -> None:
+        before = [(key, self.get(key)) for _, key, _ in batch]
+        super().write(batch)
+        now = self.clock()
+        self._undo = [entry for entry in self._undo if now - entry[0] <= self.loss_window_s]
+        self._undo.append((now, before))
+
+    def sync(self) -> None:
+        super().sync()
+        self._undo.clear()
+
+    def crash(self) -> None:
+        now = self.clock()
+        recent = [entry for entry in self._undo if now - entry[0] <= self.loss_window_s]
+        keep = self.rng.randint(0, len(recent)) if recent else 0
+        for _, before in reversed(recent[keep:]):
+            ops = [("put", k, v) if v is not None else ("delete", k, None) for k, v in reversed(before)]
+            super().write(ops)
+            self.lost_batches += 1
+        self._undo.clear()
 
     def close(self) -> None:
         pass
@@ -77,16 +108,20 @@ class SimResult:
 
 
 class SimCluster:
-    def __init__(self, seed: int, conflicts: str, drop: float, duplicate: float, skew_s: float, hinted_handoff: bool = True):
+    def __init__(self, seed: int, conflicts: str, drop: float, duplicate: float, skew_s: float, hinted_handoff: bool = True,
+                 loss_window_s: float = 0.0):
         self.rng = random.Random(seed)
         self.network = SimNetwork(random.Random(self.rng.getrandbits(64)), drop=drop, duplicate=duplicate)
-        self.engines = {n: DurableMemoryEngine() for n in NODES}
+        loop = asyncio.get_event_loop()
+        self.engines = {
+            n: CrashableMemoryEngine(loop.time, random.Random(self.rng.getrandbits(64)), loss_window_s) for n in NODES
+        }
         self.skew = {n: self.rng.uniform(-skew_s, skew_s) for n in NODES}
         self.conflicts = conflicts
         self.hinted_handoff = hinted_handoff
         self.members = tuple(Member(n, f"http://{n}", f"{n}:1") for n in NODES)
         self.services: dict[str, DynamoService] = {}
-        self.faults = {"partitions": 0, "crashes": 0, "hints_delivered": 0, "read_repairs": 0, "handoff_deleted": 0, "epochs": 0}
+        self.faults = {"partitions": 0, "crashes": 0, "hints_delivered": 0, "read_repairs": 0, "handoff_deleted": 0, "epochs": 0, "lost_batches": 0}
 
     async def start(self, node: str) -> None:
         loop = asyncio.get_running_loop()
@@ -111,6 +146,9 @@ class SimCluster:
         self._collect(service)
         self.faults["crashes"] += 1
         await service.stop()
+        before = self.engines[node].lost_batches
+        self.engines[node].crash()
+        self.faults["lost_batches"] += self.engines[node].lost_batches - before
 
     def _collect(self, service: DynamoService) -> None:
         metrics = service.metrics()
@@ -123,8 +161,8 @@ class SimCluster:
         return sorted(self.services)
 
 
-async def _simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults, hinted_handoff, skew_s):
-    sim = SimCluster(seed, conflicts, drop, duplicate, skew_s=skew_s, hinted_handoff=hinted_handoff)
+async def _simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults, hinted_handoff, skew_s, loss_window_s):
+    sim = SimCluster(seed, conflicts, drop, duplicate, skew_s=skew_s, hinted_handoff=hinted_handoff, loss_window_s=loss_window_s)
     rng = sim.rng
     for node in NODES:
         await sim.start(node)
@@ -211,6 +249,11 @@ async def _simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults
             diverged.append(key)
         elif objects[0] is not None and not all(objects[0].same_as(obj) for obj in objects[1:]):
             diverged.append(key)
+    # a coverage read after convergence agrees with the per-key quorum reads
+    items, partial = await reader.range(b"key-", timeout=5.0)
+    ranged = {read.key: sorted(read.siblings) for read in items}
+    if partial or ranged != {k: sorted(v) for k, v in final.items() if v}:
+        diverged.append(b"<range>")
     for service in sim.services.values():
         service.replica._check()
         service.detector._check()
@@ -244,6 +287,7 @@ async def _simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults
 
 def simulate(seed: int, conflicts: str = "vclock", *, ops: int = 200, clients: int = 4, keys: int = 3,
              drop: float = 0.02, duplicate: float = 0.02, faults: bool = True, hinted_handoff: bool = True,
-             skew_s: float = 0.05) -> SimResult:
-    """One run; `skew_s` bounds each node's wall-clock offset (what lww orders by)."""
-    return run(_simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults, hinted_handoff, skew_s))
+             skew_s: float = 0.05, loss_window_s: float = 0.1) -> SimResult:
+    """One run; `skew_s` bounds each node's wall-clock offset (what lww orders by);
+    a crash loses a random suffix of the writes of the last `loss_window_s` seconds."""
+    return run(_simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults, hinted_handoff, skew_s, loss_window_s))
