@@ -156,6 +156,7 @@ def _paths() -> dict[str, dict[str, dict]]:
         "/healthz": {"get": _op("200 when this node can serve its mode's reads and writes; 503 with the reason", (), "healthy", "503")},
         "/metrics": {"get": _op("Prometheus text: requests, latencies, the service's gauges", (), "metrics")},
         "/version": {"get": _op('{"capkv", "mode", "etcdserver", "etcdcluster"}', (), "versions")},
+        "/health": {"get": _op('etcd\'s health check: {"health": "true"}, or 503 {"health": "false"}', (), "healthy", "503")},
         "/v1/openapi.json": {"get": _op("this document", (), "OpenAPI 3")},
         "/v1/kv": {"get": _op(
             "range: every key under a prefix. cp: {revision, items, more, count}; ap: coverage read {items, partial, more}",

@@ -50,6 +50,7 @@ class Stats:
         self.delays: list[float] = []
         self.pending: list[tuple[int, float]] = []  # (put number, arrival) seen before its ack
         self.events = 0
+        self.reconnects = 0  # streams the server ended (watcher too slow), resumed from last + 1
 
     def event(self, watcher: int, number: int, arrived: float) -> None:
         self.events += 1
@@ -76,20 +77,35 @@ def number_of(key: bytes, prefix: bytes) -> int | None:
 
 
 async def capkv_watcher(session, url: str, prefix: str, index: int, stats: Stats, ready: asyncio.Event, stop: asyncio.Event):
+    """Streams the prefix; when the server ends the stream (this watcher fell too far
+    behind, a node stopping) it resumes from the last revision seen + 1, as api.client
+    does, and counts the reconnect."""
     raw_prefix = prefix.encode()
-    async with session.get(f"{url}/v1/watch", params={"prefix": prefix}, timeout=aiohttp.ClientTimeout(total=None)) as r:
-        if r.status != 200:
-            raise RuntimeError(f"watch on {url}: HTTP {r.status} {await r.text()}")
-        ready.set()
-        while not stop.is_set():
-            line = await r.content.readline()
-            if not line:
-                return
-            event = json.loads(line)
-            if event.get("type") in ("put", "delete"):
-                number = number_of(event["key"].encode(), raw_prefix)
-                if number is not None:
-                    stats.event(index, number, time.perf_counter())
+    start_revision = None
+    while not stop.is_set():
+        params = {"prefix": prefix}
+        if start_revision is not None:
+            params["start_revision"] = str(start_revision)
+        async with session.get(f"{url}/v1/watch", params=params, timeout=aiohttp.ClientTimeout(total=None)) as r:
+            if r.status != 200:
+                raise RuntimeError(f"watch on {url}: HTTP {r.status} {await r.text()}")
+            ready.set()
+            while not stop.is_set():
+                line = await r.content.readline()
+                if not line:
+                    break
+                event = json.loads(line)
+                kind = event.get("type")
+                if kind in ("put", "delete"):
+                    start_revision = event["mod_revision"] + 1
+                    number = number_of(event["key"].encode(), raw_prefix)
+                    if number is not None:
+                        stats.event(index, number, time.perf_counter())
+                elif kind == "progress" and start_revision is None:
+                    start_revision = event["revision"] + 1
+                elif kind == "canceled":
+                    break
+        stats.reconnects += 1
 
 
 async def etcd_watcher(session, url: str, prefix: str, index: int, stats: Stats, ready: asyncio.Event, stop: asyncio.Event):
@@ -136,7 +152,15 @@ async def run(system: str, urls: list[str], args) -> dict:
         readies = [asyncio.Event() for _ in range(args.watchers)]
         tasks = [asyncio.create_task(watcher(session, watch_urls[i % len(watch_urls)], prefix, i, stats, readies[i], stop))
                  for i in range(args.watchers)]  # fmt: skip
-        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 60)
+        deadline = time.perf_counter() + 60
+        while not all(r.is_set() for r in readies):
+            failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
+            if failed is not None or time.perf_counter() > deadline:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise RuntimeError(str(failed.exception()) if failed is not None else "the watches did not open within 60 s")
+            await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)
 
         in_flight = asyncio.Semaphore(args.in_flight)
@@ -201,6 +225,7 @@ async def run(system: str, urls: list[str], args) -> dict:
         "delay_max_ms": round(delays[-1] * 1000, 2) if delays else None,
         "missed": missed,
         "duplicated": stats.duplicated,
+        "reconnects": stats.reconnects,
         "seconds": args.seconds,
     }
 

@@ -359,6 +359,15 @@ class _Durability:
 # --- snapshots -------------------------------------------------------------------------------
 
 
+def _yielding(rows, every: int = 64):
+    """Hand the GIL to the tick thread every few rows: a snapshot of a large store is
+    CPU-bound Python, and the tick thread must keep heartbeats going meanwhile."""
+    for count, row in enumerate(rows, 1):
+        yield row
+        if count % every == 0:
+            time.sleep(0)
+
+
 class _Snapshots:
     """pysyncobj's custom serializer trio, writing `snapshot.py` files off the tick thread.
 
@@ -416,7 +425,7 @@ class _Snapshots:
         try:
             # The log prefix this snapshot replaces must be durable in the engine first.
             self.sm.engine.sync()
-            snapshot_file.write_snapshot(self.path, header, source.rows(), durable=self.durable)
+            snapshot_file.write_snapshot(self.path, header, _yielding(source.rows()), durable=self.durable)
             status = SERIALIZER_STATE.SUCCESS
             self.written += 1
         except Exception as exc:  # noqa: BLE001 - reported through the checker

@@ -100,7 +100,8 @@ class Replica:
 
     # --- actors ------------------------------------------------------------------------
     def _new_actor(self) -> str:
-        actor = f"{self.node_id}.{self.rng.getrandbits(32):08x}"
+        # 64 random bits: two epochs of one node must never meet, across any number of restarts.
+        actor = f"{self.node_id}.{self.rng.getrandbits(64):016x}"
         self.engine.put(ACTOR_KEY, actor.encode())
         self.engine.sync()
         self.actor = actor

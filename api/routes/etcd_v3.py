@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import time
 from typing import Any, Awaitable, Callable
 
@@ -61,7 +62,9 @@ PROGRESS_NOTIFY_SECONDS = 10.0
 
 
 class Headers:
-    """Builds response headers; the raft term comes from the service's status, cached."""
+    """Builds response headers. The raft term comes from the service's status, cached
+    for a second (a watch stream renders many); the store's current revision is read
+    fresh whenever a header needs it."""
 
     def __init__(self, request: web.Request):
         self.service = service_of(request)
@@ -71,16 +74,16 @@ class Headers:
         self._status: dict | None = None
         self._at = 0.0
 
-    async def status(self) -> dict:
+    async def status(self, fresh: bool = False) -> dict:
         now = time.monotonic()
-        if self._status is None or now - self._at > TERM_CACHE_SECONDS:
+        if fresh or self._status is None or now - self._at > TERM_CACHE_SECONDS:
             self._status = await self.service.status()
             self._at = now
         return self._status
 
     async def render(self, revision: int | None = None) -> dict:
         """A header; `revision` None takes the store's current revision, 0 leaves it out."""
-        status = await self.status()
+        status = await self.status(fresh=revision is None)
         if revision is None:
             revision = int(status.get("revision") or 0)
         header = wire.Header(self.cluster_id, self.member_id, int(status.get("term") or 0))
@@ -328,6 +331,8 @@ async def maintenance_status(request: web.Request, headers: Headers) -> web.Resp
     except Exception:  # noqa: BLE001 - status still answers
         metrics = {}
     db_size = next((int(metrics[name]) for name in ("engine_disk_bytes", "engine_bytes", "disk_bytes") if name in metrics), 0)
+    if not db_size:
+        db_size = await asyncio.to_thread(directory_bytes, request.app[CONFIG_KEY].data_dir)
     body = wire.omit_defaults({
         "header": await headers.render(),
         "version": ETCD_SERVER_VERSION,
@@ -340,6 +345,31 @@ async def maintenance_status(request: web.Request, headers: Headers) -> web.Resp
         "dbSizeInUse": str(db_size),
     })  # fmt: skip
     return etcd_json(body)
+
+
+# Files counted at most when sizing the data directory for maintenance/status.
+MAX_SIZED_FILES = 10_000
+
+
+def directory_bytes(path: str) -> int:
+    """Bytes in the files under `path` (etcd's dbSize: what the node keeps on disk);
+    0 when it does not exist. Bounded: stops after MAX_SIZED_FILES files."""
+    total, seen, stack = 0, 0, [path]
+    while stack and seen < MAX_SIZED_FILES:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+                    seen += 1
+            except OSError:
+                continue
+    return total
 
 
 # --- watch --------------------------------------------------------------------------------------
@@ -415,10 +445,21 @@ class WatchStream:
                 self.next_id += 1
             watch_id = self.next_id
             self.next_id += 1
-        iterator = self.service.watch(key, end, start_revision=start_revision or None, prev=prev,
-                                      progress_interval=PROGRESS_NOTIFY_SECONDS)  # fmt: skip
+        created_revision = int((await self.headers.status(fresh=True)).get("revision") or 0)
+        if not start_revision and created_revision:
+            # Pinned: the watch sees every event after the revision its created message
+            # shows, however late its iterator gets going (a client writes right after it).
+            start_revision = created_revision + 1
+        try:
+            iterator = self.service.watch(key, end, start_revision=start_revision or None, prev=prev,
+                                          progress_interval=PROGRESS_NOTIFY_SECONDS)  # fmt: skip
+        except Compacted as exc:  # a service may refuse at once rather than in its first batch
+            await self.send(await self.result(watch_id=watch_id, created=True))
+            compact_revision = str(int(exc.details.get("compact_revision", 0) or 0))
+            await self.send(await self.result(0, watch_id, canceled=True, compact_revision=compact_revision))
+            return
         self.watchers[watch_id] = _Watcher(watch_id, WatchFeed(iterator, self.queue, watch_id), filters, progress_notify)
-        await self.send(await self.result(watch_id=watch_id, created=True))
+        await self.send(await self.result(created_revision or None, watch_id, created=True))
 
     async def deliver(self, watch_id: int, batch, error) -> None:
         watcher = self.watchers.get(watch_id)
@@ -504,11 +545,22 @@ ROUTES: tuple[tuple[str, Callable], ...] = (
 )
 
 
+async def health(request: web.Request) -> web.Response:
+    """etcd's `GET /health` (001-health.txt): {"health": "true"} or 503 {"health": "false"}."""
+    try:
+        ok, _ = service_of(request).health()
+    except Exception:  # noqa: BLE001 - a health probe reports, it does not crash
+        ok = False
+    return web.Response(text=json.dumps({"health": "true" if ok else "false"}, separators=(",", ":")),
+                        status=200 if ok else 503, content_type="text/plain", charset="utf-8")  # fmt: skip
+
+
 def gateway_paths() -> list[str]:
     return [prefix + path for prefix in PREFIXES for path, _ in ROUTES]
 
 
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/health", health)
     for prefix in PREFIXES:
         for path, handler in ROUTES:
             app.router.add_post(prefix + path, handler)

@@ -44,6 +44,10 @@ PROGRESS_MS_MIN = 100
 # Batches waiting between the service's iterator and the response: small, so a client
 # that stops reading soon stops the route from pulling (the service then cancels the watch).
 FEED_QUEUE_BATCHES = 16
+# Batches already queued are written together up to about this many bytes (one write
+# instead of one per event when a watcher is behind); aiohttp then drains the socket
+# whenever more than 64 KiB wait in it, so a slow reader stops the route here.
+COALESCE_BYTES = 256 * 1024
 # How long the route waits for the first batch before sending the headers, so a
 # compacted start_revision is a 410 rather than a canceled event in a 200 stream.
 FIRST_BATCH_WAIT_SECONDS = 0.3
@@ -136,11 +140,15 @@ async def next_item(stream: Stream):
     """The next queued item, or None once the client has gone away or the node stops."""
     while not stream.stopping:
         try:
-            item = await asyncio.wait_for(stream.queue.get(), CLIENT_CHECK_SECONDS)
-        except asyncio.TimeoutError:
-            if client_gone(stream.request):
-                return None
-            continue
+            item = stream.queue.get_nowait()  # under load there usually is one: no timer needed
+        except asyncio.QueueEmpty:
+            try:
+                async with asyncio.timeout(CLIENT_CHECK_SECONDS):
+                    item = await stream.queue.get()
+            except TimeoutError:
+                if client_gone(stream.request):
+                    return None
+                continue
         if item is not None and not stream.stopping:
             return item
     return None
@@ -213,16 +221,24 @@ async def _watch(request: web.Request, params: Params, start: bytes, end: bytes 
         if not last_event_id.isdigit():
             raise invalid("last_event_id", "the Last-Event-ID header must be a revision (a whole number)")
         start_revision = int(last_event_id) + 1
+    replay = start_revision is not None
+    if start_revision is None:
+        # Pinned to the store's revision now: every later event is delivered, however late
+        # the service's iterator gets going (a client may write right after connecting).
+        status = await service.status()
+        if status.get("revision"):
+            start_revision = int(status["revision"]) + 1
     sse = SSE in request.headers.get("Accept", "")
     queue: asyncio.Queue = asyncio.Queue(maxsize=FEED_QUEUE_BATCHES)
     iterator = service.watch(start, end, start_revision=start_revision, prev=prev, progress_interval=progress_ms / 1000)
     feed = WatchFeed(iterator, queue)
     try:
         first = None
-        try:
-            first = await asyncio.wait_for(queue.get(), FIRST_BATCH_WAIT_SECONDS)
-        except asyncio.TimeoutError:
-            pass
+        if replay:  # only a replay the client asked for can find its history compacted
+            try:
+                first = await asyncio.wait_for(queue.get(), FIRST_BATCH_WAIT_SECONDS)
+            except asyncio.TimeoutError:
+                pass
         if first is not None and first[2] is not None:
             raise first[2]  # e.g. Compacted: 410 with the compact revision, before any stream
         response = web.StreamResponse(headers={"Content-Type": SSE if sse else NDJSON, "Cache-Control": "no-cache",
@@ -243,18 +259,12 @@ async def _watch(request: web.Request, params: Params, start: bytes, end: bytes 
                             except ConnectionError:
                                 pass
                         break  # the client went away, or this node is stopping
-                # Everything already queued goes out in one write (bounded by the queue):
+                # What is already queued goes out in one write, up to COALESCE_BYTES:
                 # under load that is far fewer writes than one per event.
-                items = [item]
-                while len(items) < FEED_QUEUE_BATCHES and not queue.empty():
-                    queued = queue.get_nowait()
-                    if queued is None:  # a stop signal
-                        break
-                    items.append(queued)
-                item = None
                 payload = bytearray()
                 ended = False
-                for _, batch, error in items:
+                while True:
+                    _, batch, error = item
                     if error is not None:
                         batch = _error_batch(error)
                     for message in render_batch(batch):
@@ -262,6 +272,12 @@ async def _watch(request: web.Request, params: Params, start: bytes, end: bytes 
                     if batch.canceled:
                         ended = True
                         break
+                    if len(payload) >= COALESCE_BYTES or queue.empty():
+                        break
+                    item = queue.get_nowait()
+                    if item is None:  # a stop signal: the loop sees `stream.stopping` next
+                        break
+                item = None
                 try:
                     await response.write(bytes(payload))
                 except ConnectionError:

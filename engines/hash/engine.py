@@ -43,6 +43,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 from bisect import bisect_left
 from collections import defaultdict
 from typing import Iterator, Sequence
@@ -98,7 +99,7 @@ _PACK_CRC = CRC.pack
 
 # A merge moves keydir entries to its output this many at a time under the write lock, so
 # writers and readers wait at most for one such chunk (well under a millisecond).
-_SWAP_CHUNK = 2048
+_SWAP_CHUNK = 256
 # A merge writes its output through a buffer of this size.
 _MERGE_BUFFER_BYTES = 1 << 20
 # A get retries this many times when merges retire the file it was reading.
@@ -287,10 +288,12 @@ class HashEngine:
             raise EngineError(f"{self._dir} is in use by another open engine (its LOCK file is held)") from None
         if os.fstat(self._lock_fd).st_size == 0:
             os.write(self._lock_fd, LOCK_CONTENT)
+        started = time.perf_counter()
         try:
             self._recover()
             self._open_active(max(self._files, default=0) + 1)
             self._fsync_dir()
+            self._open_seconds = time.perf_counter() - started
         except BaseException:
             for df in self._files.values():
                 df.close()
@@ -567,20 +570,21 @@ class HashEngine:
         entry = self._keydir.get(key)
         if entry is None:
             return None
-        df = self._files.get(entry[0])
+        file_id, offset, size = entry
+        df = self._files.get(file_id)
         if df is not None:
             mm = df.mm
             if mm is not None:
                 try:
-                    rec = mm[entry[1]:entry[1] + entry[2]]
+                    rec = mm[offset:offset + size]
                 except ValueError:  # closed by a merge that retired the file
                     rec = b""
                 # The whole record's CRC (format.RESIDUE), then that it is a put of this key.
                 if crc32(rec) == RESIDUE and rec[0] == KIND_PUT and rec.startswith(key, FIELDS_SIZE):
                     return rec[FIELDS_SIZE + len(key):-4]
-            elif entry[1] + entry[2] <= df.flushed:
+            elif offset + size <= df.flushed:
                 try:
-                    rec = os.pread(df.fd, entry[2], entry[1])
+                    rec = os.pread(df.fd, size, offset)
                 except OSError:
                     rec = b""
                 if crc32(rec) == RESIDUE and rec[0] == KIND_PUT and rec.startswith(key, FIELDS_SIZE):
@@ -591,8 +595,11 @@ class HashEngine:
         file_id, offset, size = entry
         if df.mm is None and offset + size > df.flushed:
             with self._lock:
-                if df is self._active:
-                    self._flush()
+                if df is self._active and offset >= df.flushed:
+                    # Still in the append buffer (which holds whole records): copy it
+                    # from there rather than paying a write for a read.
+                    start = offset - df.flushed
+                    return bytes(self._buf[start:start + size])
         try:
             return df.read(offset, size)
         except (ValueError, OSError):
@@ -1096,6 +1103,7 @@ class HashEngine:
             "data_files": files,
             "active_file_id": self._active_id,
             "closed": self._closed,
+            "open_seconds": round(self._open_seconds, 4),
             "fsyncs": self._stats["fsyncs"],
             "group_commit_fsyncs": self._group_commit.fsyncs,
             # scans sort the keydir's keys: this many keys were sorted over all scans so

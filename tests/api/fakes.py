@@ -520,8 +520,9 @@ class FakeCPExtrasService(FakeCPService):
                     return
                 watcher.wakeup.clear()
                 try:
-                    await asyncio.wait_for(watcher.wakeup.wait(), progress_interval)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(progress_interval):
+                        await watcher.wakeup.wait()
+                except TimeoutError:
                     yield WatchBatch(revision=self.revision, events=[])
         finally:
             self.watchers.discard(watcher)

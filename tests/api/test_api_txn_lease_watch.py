@@ -295,10 +295,18 @@ async def test_an_idle_watch_gets_progress_events(cpx):
     r.close()
 
 
+async def registered(service, count: int = 1) -> None:
+    for _ in range(100):
+        if len(service.watchers) >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{count} watch(es) never registered")
+
+
 async def test_a_watcher_that_falls_behind_is_closed_with_a_final_event(cpx):
     cpx.service.watch_buffer = 2
     r = await cpx.get("/v1/watch", params={"prefix": "fast/"})
-    await asyncio.sleep(0.35)  # the watch is registered (the route waited for a first batch)
+    await registered(cpx.service)
     for i in range(40):  # no await that yields in between: the watcher cannot keep up
         await cpx.service.put(f"fast/{i}".encode(), b"x")
     lines = []
@@ -315,7 +323,7 @@ async def test_a_watcher_that_falls_behind_is_closed_with_a_final_event(cpx):
 
 async def test_a_closed_watch_connection_frees_the_watch(cpx):
     r = await cpx.get("/v1/watch/k")
-    await asyncio.sleep(0.35)
+    await registered(cpx.service)
     assert len(cpx.service.watchers) == 1
     r.close()
     for _ in range(40):

@@ -28,13 +28,18 @@ from tests.api.fakes import FakeCPExtrasService
 CAPTURES = Path(__file__).resolve().parents[3] / "shared" / "etcd-v3-captures"
 if not CAPTURES.is_dir():  # the tree may sit elsewhere: fall back to the shared location
     CAPTURES = Path("/work/shared/etcd-v3-captures")
-pytestmark = pytest.mark.skipif(not CAPTURES.is_dir(), reason="the etcd v3 captures are not available")
 
 GOLDEN_LIMITS = ApiLimits(max_value_bytes=1024 * 1024, timeout_grace_seconds=0.05)
 INT64 = re.compile(r"^-?[0-9]+$")
 
 
 # --- reading the captures -------------------------------------------------------------------
+
+
+def capture_files(name: str) -> list[Path]:
+    if not CAPTURES.is_dir():
+        pytest.skip("the etcd v3 captures (../shared/etcd-v3-captures) are not available here")
+    return list(CAPTURES.glob(f"{name}-*.txt"))
 
 
 class Capture:
@@ -53,7 +58,7 @@ class Capture:
 
 def load(name: str) -> Capture:
     """Parse `NNN-*.txt` (the curl -i format; 003 is curl -v)."""
-    (path,) = CAPTURES.glob(f"{name}-*.txt")
+    (path,) = capture_files(name)
     lines = [line.rstrip("\r") for line in path.read_text().splitlines()]
     if name == "003":
         return Capture(name, "POST", "/v3/kv/put", '{"key":"Zm9v","value":"YmFy"}', 200, [lines[-1]])
@@ -332,7 +337,7 @@ async def read_message(response) -> dict:
 
 
 def watch_capture_messages(name: str) -> list[dict]:
-    (path,) = CAPTURES.glob(f"{name}-*.txt")
+    (path,) = capture_files(name)
     text = path.read_text()
     block = text.split("--- decoded JSON messages from etcd (one per line as they appear in the stream)\n", 1)[1]
     return [json.loads(line) for line in block.split("\n--- note")[0].splitlines() if line.startswith("{")]
@@ -502,19 +507,19 @@ def test_etcd3gw_leases_and_lock(etcd3gw_client):
 
 
 def test_etcd3gw_watch_and_watch_prefix_with_cancel(etcd3gw_client):
-    c = etcd3gw_client
-    events, cancel = c.watch("trace/w", prev_kv=True)
     import time as _time
 
-    _time.sleep(0.3)
+    c = etcd3gw_client
+    # from the next revision: the events replay even if the watch registers after the puts
+    start = int(c.status()["header"]["revision"]) + 1
+    events, cancel = c.watch("trace/w", prev_kv=True, start_revision=start)
     c.put("trace/w", "w1")
     c.delete("trace/w")
     got = [next(events), next(events)]
     assert got[0]["kv"]["key"] == b"trace/w" and got[0]["kv"]["value"] == b"w1"
     assert got[1]["type"] == "DELETE" and got[1]["prev_kv"]["value"] == b64("w1")
     cancel()
-    events, cancel = c.watch_prefix("trace/p/")
-    _time.sleep(0.3)
+    events, cancel = c.watch_prefix("trace/p/", start_revision=int(c.status()["header"]["revision"]) + 1)
     c.put("trace/p/1", "a")
     c.put("trace/q", "outside")
     c.put("trace/p/2", "b")
@@ -525,3 +530,83 @@ def test_etcd3gw_watch_and_watch_prefix_with_cancel(etcd3gw_client):
             break
         _time.sleep(0.1)
     assert not c.service.watchers
+
+
+async def test_health_answers_as_etcd_does(etcd):
+    capture = load("001")
+    r = await etcd.get("/health")
+    assert r.status == capture.status and (await r.text()) == capture.response[0]
+    assert r.headers["Content-Type"].startswith("text/plain")
+    etcd.service.unavailable = "no leader"
+    r = await etcd.get("/health")
+    assert r.status == 503 and json.loads(await r.text()) == {"health": "false"}
+
+
+@pytest.mark.parametrize("error,op,expected", [
+    ("Compacted('x', compact_revision=3)", "", (400, 11, "etcdserver: mvcc: required revision has been compacted")),
+    ("InvalidRequest('revision 9 is in the future', code='invalid_revision')", "", (400, 11, "etcdserver: mvcc: required revision is a future revision")),
+    ("NotFound('no lease', code='lease_not_found')", "", (404, 5, "etcdserver: requested lease not found")),
+    ("PreconditionFailed('lease 5 already exists')", "lease_grant", (412, 9, "etcdserver: lease already exists")),
+    ("InvalidRequest('duplicate key given in txn request', code='invalid_txn')", "", (400, 3, "etcdserver: duplicate key given in txn request")),
+    ("ValueTooLarge('too big')", "", (400, 3, "etcdserver: request is too large")),
+    ("Unavailable('no leader elected')", "", (503, 14, "etcdserver: no leader")),
+    ("Unavailable('no quorum')", "", (503, 14, "etcdserver: request timed out")),
+    ("OutcomeUnknown('maybe')", "", (500, 2, "context deadline exceeded")),
+])  # fmt: skip
+def test_service_errors_become_etcds_errors(error, op, expected):
+    from api import etcd_wire
+    from api.service import Compacted, InvalidRequest, NotFound, OutcomeUnknown, PreconditionFailed, Unavailable, ValueTooLarge  # noqa: F401
+
+    mapped = etcd_wire.from_service_error(eval(error), op=op)
+    assert (mapped.status, mapped.code, mapped.message) == expected
+    assert mapped.body() == {"error": expected[2], "message": expected[2], "code": expected[1]}
+
+
+async def post_json(client, path: str, body: dict) -> dict:
+    status, text = await send(client, "POST", path, json.dumps(body))
+    assert status == 200, text
+    return json.loads(text)
+
+
+async def test_put_with_ignore_value_and_ignore_lease_keeps_what_is_stored(etcd):
+    lease = await grant(etcd, 60)
+    await put(etcd, "keep", "original", lease=lease)
+    await post_json(etcd, "/v3/kv/put", {"key": b64("keep"), "ignore_value": True, "ignore_lease": True})
+    kv = (await post_json(etcd, "/v3/kv/range", {"key": b64("keep")}))["kvs"][0]
+    assert (kv["value"], kv["lease"], kv["version"]) == (b64("original"), lease, "2")
+    await post_json(etcd, "/v3/kv/put", {"key": b64("keep"), "value": b64("new"), "ignore_lease": True})
+    kv = (await post_json(etcd, "/v3/kv/range", {"key": b64("keep")}))["kvs"][0]
+    assert (kv["value"], kv["lease"]) == (b64("new"), lease)
+    status, text = await send(etcd, "POST", "/v3/kv/put", json.dumps({"key": b64("keep"), "value": b64("x"), "ignore_value": True}))
+    assert status == 400 and json.loads(text)["error"] == "etcdserver: value is provided"
+
+
+async def test_range_sorts_and_filters_as_etcd_does(etcd):
+    await put(etcd, "s/b", "3")  # rev 2
+    await put(etcd, "s/a", "1")  # rev 3
+    await put(etcd, "s/c", "2")  # rev 4
+    await put(etcd, "s/a", "9")  # rev 5: s/a version 2
+    base = {"key": b64("s/"), "range_end": b64("s0"), "keys_only": True}
+
+    async def keys(**extra):
+        body = await post_json(etcd, "/v3/kv/range", {**base, **extra})
+        return [base64.b64decode(kv["key"]).decode() for kv in body.get("kvs", [])], body
+
+    assert (await keys(sort_target="VERSION", sort_order="DESCEND"))[0][0] == "s/a"
+    assert (await keys(sort_target="CREATE"))[0] == ["s/b", "s/a", "s/c"]  # a target alone sorts ascending
+    assert (await keys(sort_target="VALUE", sort_order="ASCEND", keys_only=False))[0] == ["s/c", "s/b", "s/a"]
+    assert (await keys(sort_order="DESCEND"))[0] == ["s/c", "s/b", "s/a"]
+    assert (await keys(min_create_revision=3, max_create_revision=3))[0] == ["s/a"]
+    found, body = await keys(max_mod_revision=4, limit=1)
+    assert found == ["s/b"] and body["more"] is True and body["count"] == "3"
+    body = await post_json(etcd, "/v3/kv/range", {**base, "count_only": True})
+    assert "kvs" not in body and body["count"] == "3"
+
+
+async def test_txn_not_equal_and_lease_compares(etcd):
+    await put(etcd, "t", "v")
+    body = {"compare": [{"key": b64("t"), "result": "NOT_EQUAL", "target": "VALUE", "value": b64("w")},
+                        {"key": b64("t"), "result": 3, "target": "LEASE", "lease": 5}],
+            "success": [{"request_put": {"key": b64("t2"), "value": b64("x"), "prev_kv": True}}]}  # fmt: skip
+    result = await post_json(etcd, "/v3/kv/txn", body)
+    assert result["succeeded"] is True and result["responses"] == [{"response_put": {"header": {"revision": result["header"]["revision"]}}}]

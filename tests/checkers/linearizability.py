@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from hashlib import blake2b
 from typing import Iterable, Sequence
 
 from .history import Op
@@ -43,9 +44,9 @@ LINEARIZABLE = "linearizable"
 NOT_LINEARIZABLE = "not_linearizable"
 UNKNOWN = "unknown"
 
-# Each memoised state holds a set of operations as a Python int of one bit per operation
-# of the key: 500k states of a 4000-operation key is about 400 MB. Lower it for bigger keys.
-DEFAULT_MAX_STATES = 500_000
+# Each memoised state costs about 150 bytes (a digest of the set of operations placed, and
+# the register's value) and 10-30 microseconds: 1M states is ~150 MB and under a minute.
+DEFAULT_MAX_STATES = 1_000_000
 # How much of the search's deepest point an explanation shows.
 EXPLAIN_LINEARIZED_TAIL = 6
 EXPLAIN_STATES = 8
@@ -290,6 +291,94 @@ def _overlapping(target: Op, ops: Sequence[Op]) -> tuple[Op, ...]:
     return tuple(found[:EXPLAIN_CONCURRENT])
 
 
+class _Unread:
+    """The register's state after a write whose value nobody read or compared against."""
+
+    def __init__(self, fresh: bool):
+        self.fresh = fresh
+
+    def __repr__(self) -> str:
+        return "<a value nobody read>"
+
+
+# Just written: only an operation that needs the key to hold "anything else" may come next.
+UNREAD_FRESH = _Unread(fresh=True)
+UNREAD = _Unread(fresh=False)
+
+
+def _needs_difference(op: Op) -> bool:
+    """Operations that only ask the key to hold something other than a given value."""
+    if op.outcome != "ok":
+        return False
+    if op.op == "cas":
+        return not op.succeeded
+    return op.op == "delete" and bool(op.result and op.result.get("deleted"))
+
+
+def _interchangeable(ops: Sequence[Op], deadlines: Sequence[float], initial: str | None) -> tuple[list[int], list[bool]]:
+    """Which optional operations write a value nobody saw, and which may go in invocation order only.
+
+    Unread: an unknown write or cas (that may never have happened) whose value no read
+    returned and no cas compared against. Placing one is only ever needed right before
+    an operation that needs the key to hold "anything else" (a cas whose compare failed,
+    a delete that deleted something): anywhere else, taking it out of a legal order leaves
+    a legal order, since nothing can read its value. So the search gives it the state
+    `UNREAD_FRESH`, from which only such an operation may follow.
+
+    Interchangeable: optional operations with the same effect may be placed in invocation
+    order only: any legal order that places some of them can place, instead, the ones
+    invoked earliest (the i-th earliest was invoked no later than the i-th placed one, and
+    none of them has a deadline). Two classes qualify: unknown deletes, and unread writes.
+    Without these, every timeout multiplies the states the search can visit for the rest
+    of the history, and a history with a hundred timeouts is out of reach.
+
+    Returns, per operation, the index of the operation before it in its class (-1: none,
+    or not in a class) and whether it is unread.
+    """
+    observed = {op.value for op in ops if op.op == "read"} | {op.expected for op in ops if op.op == "cas"} | {initial}
+    before = [-1] * len(ops)
+    unread = [False] * len(ops)
+    classes: dict[str, list[int]] = {"delete": [], "unread": []}
+    for index, op in enumerate(ops):
+        if op.outcome != "unknown" or deadlines[index] != math.inf:
+            continue
+        if op.op == "delete":
+            classes["delete"].append(index)
+        elif op.op in ("write", "cas") and op.value not in observed:
+            unread[index] = True
+            if op.op == "write":
+                classes["unread"].append(index)
+    for members in classes.values():
+        members.sort(key=lambda index: (ops[index].invoke, index))
+        for earlier, later in zip(members, members[1:]):
+            before[later] = earlier
+    return before, unread
+
+
+def _mortal(ops: Sequence[Op], deadlines: Sequence[float], initial: str | None) -> list[tuple[int, int, str]]:
+    """Optional cas operations that can stop mattering: (cas, writer of its expected value, that value).
+
+    An unknown cas that may never have happened can only take effect while the key holds
+    its expected value. When that value was written by one operation only (and is not the
+    initial one), then once that write is placed and the key holds something else, the cas
+    can never take effect again: whether it did earlier no longer changes anything to
+    come. The memo then counts it as placed either way, so two search paths that differ
+    only in it meet again instead of doubling the states for the rest of the history.
+    """
+    writers: dict[str | None, list[int]] = {}
+    for index, op in enumerate(ops):
+        if op.op in ("write", "cas"):
+            writers.setdefault(op.value, []).append(index)
+    mortal = []
+    for index, op in enumerate(ops):
+        if op.op != "cas" or op.outcome != "unknown" or deadlines[index] != math.inf:
+            continue
+        if op.expected is None or op.expected == initial or len(writers.get(op.expected, ())) != 1:
+            continue
+        mortal.append((index, writers[op.expected][0], op.expected))
+    return mortal
+
+
 class _Search:
     """One key's search. Entries live in a doubly linked list over arrays ("dancing
     links") so that taking an operation out and putting it back are O(1)."""
@@ -327,6 +416,8 @@ class _Search:
                 return_entry[index] = position
         for index in range(n):
             self.match[call_entry[index]] = return_entry[index]
+        self.before, self.unread = _interchangeable(self.ops, deadlines, initial)
+        self.mortal = _mortal(self.ops, deadlines, initial)
         # The deepest dead end seen, for the explanation.
         self.best_depth = -1
         self.best_op = -1
@@ -367,8 +458,15 @@ class _Search:
 
     def run(self) -> KeyVerdict:
         ops, nxt, is_call, op_of = self.ops, self.next, self.is_call, self.op_of
+        before, unread = self.before, self.unread
+        needs_difference = [_needs_difference(op) for op in ops]
         bits = [1 << index for index in range(len(ops))]
-        cache: set[tuple[int, str | None]] = set()
+        mortal = [(bits[c], bits[w], expected) for c, w, expected in self.mortal]
+        width = (len(ops) + 7) // 8
+        # Memo keys hold a 128-bit digest of the set, not the set: a few dozen bytes per
+        # state instead of one bit per operation (a collision, which would prune a path
+        # wrongly, has odds around 2^-128 per pair of states).
+        cache: set[tuple[bytes, object]] = set()
         stack: list[tuple[int, str | None]] = []  # (call entry linearized, state before it)
         linearized = 0
         state = self.initial
@@ -376,9 +474,25 @@ class _Search:
         while entry != self.tail:
             if is_call[entry]:
                 index = op_of[entry]
+                prior = before[index]
+                if prior >= 0 and not linearized & bits[prior]:
+                    entry = nxt[entry]  # its class is placed in invocation order
+                    continue
+                if state is UNREAD_FRESH and not needs_difference[index]:
+                    entry = nxt[entry]
+                    continue
                 allowed, new_state = step(state, ops[index])
+                if unread[index]:
+                    new_state = UNREAD_FRESH
+                elif new_state is UNREAD_FRESH:
+                    new_state = UNREAD
                 if allowed:
-                    candidate = (linearized | bits[index], new_state)
+                    new_linearized = linearized | bits[index]
+                    remembered = new_linearized
+                    for cas_bit, writer_bit, expected in mortal:
+                        if remembered & writer_bit and new_state != expected:
+                            remembered |= cas_bit
+                    candidate = (blake2b(remembered.to_bytes(width, "little"), digest_size=16).digest(), new_state)
                     if candidate not in cache:
                         if len(cache) >= self.max_states:
                             return KeyVerdict(
@@ -387,7 +501,7 @@ class _Search:
                             )
                         cache.add(candidate)
                         stack.append((entry, state))
-                        linearized, state = candidate
+                        linearized, state = new_linearized, new_state
                         self._lift(entry)
                         entry = nxt[self.head]
                         continue

@@ -417,3 +417,65 @@ def test_command_line_prints_the_verdict(tmp_path, capsys):
     assert main([str(good)]) == 0
     assert main([str(bad)]) == 1
     assert "not_linearizable" in capsys.readouterr().out
+
+
+def long_history(count: int, unknown: float, seed: int, clients: int = 6) -> list[Op]:
+    """A workload-like history on one key: sequential clients, overlapping in time, read /
+    write / cas (some failing their compare), a fraction of the writes timing out (half of
+    those took effect), as the real workload records them."""
+    rng = __import__("random").Random(seed)
+    state: str | None = None
+    ops: list[Op] = []
+    free = [0.0] * clients
+    now = 0.0
+    for index in range(count):
+        client = rng.randrange(clients)
+        invoke = max(free[client], now - rng.random() * 0.01)
+        now = max(now, invoke) + rng.random() * 0.002  # the instant it takes effect
+        complete = now + rng.random() * 0.01
+        free[client] = complete
+        kind = rng.choice(["read", "read", "write", "cas", "cas"])
+        value = f"v{index}"
+        timed_out = kind != "read" and rng.random() < unknown
+        outcome = "unknown" if timed_out else "ok"
+        applies = not timed_out or rng.random() < 0.5
+        if kind == "read":
+            ops.append(Op(index, client, "read", "k", state, None, invoke, complete, "ok"))
+        elif kind == "write":
+            ops.append(Op(index, client, "write", "k", value, None, invoke, complete, outcome))
+            state = value if applies else state
+        elif rng.random() < 0.7:  # a cas from the current value
+            ops.append(Op(index, client, "cas", "k", value, state, invoke, complete, outcome))
+            state = value if applies else state
+        else:  # a cas from a stale value: its compare fails
+            stale = ops[rng.randrange(len(ops))].value if ops else "nothing"
+            if stale == state:
+                stale = "nothing"
+            ops.append(Op(index, client, "cas", "k", value, stale, invoke, complete, "ok", {"succeeded": False}))
+    return ops
+
+
+@pytest.mark.parametrize(
+    "seed, count",
+    [(1, 1200), pytest.param(2, 5000, marks=pytest.mark.slow), pytest.param(3, 5000, marks=pytest.mark.slow)],
+)
+def test_long_histories_with_many_timeouts_are_decided_both_ways(seed, count):
+    """What a real run looks like to the checker (thousands of operations, dozens of
+    timeouts): it must say yes, and say no to each single stale read, not give up."""
+    ops = long_history(count, unknown=0.03, seed=seed)
+    assert sum(op.outcome == "unknown" for op in ops) > count // 100
+    assert check(ops).result == LINEARIZABLE
+    rng = __import__("random").Random(seed)
+    reads = [op for op in ops if op.op == "read" and op.value is not None]
+    judged = 0
+    for read in rng.sample(reads, 6):
+        older = [op for op in ops if op.op in ("write", "cas") and op.outcome == "ok" and op.succeeded
+                 and op.complete < read.invoke - 0.5]
+        if not older:
+            continue
+        stale = Op(**{**read.__dict__, "value": older[-1].value})
+        verdict = check([stale if op.id == read.id else op for op in ops])
+        assert verdict.result == NOT_LINEARIZABLE, str(verdict)
+        assert verdict.explanations[0].op.id == read.id
+        judged += 1
+    assert judged >= 3

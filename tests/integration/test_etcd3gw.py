@@ -9,7 +9,6 @@ The tests that need the cp service's CPExtras (txn, leases, watch) skip until
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 
 import pytest
@@ -163,16 +162,16 @@ def test_lock_acquire_contention_release(clients, prefix):
 @needs_watch
 def test_watch_and_watch_prefix_with_cancel(clients, prefix):
     leader, follower, other = clients
-    events, cancel = follower.watch(prefix + "w", prev_kv=True)
-    time.sleep(0.5)
+    # from the next revision: the events replay even if the watch registers after the puts
+    start = int(follower.status()["header"]["revision"]) + 1
+    events, cancel = follower.watch(prefix + "w", prev_kv=True, start_revision=start)
     other.put(prefix + "w", "w1")
     leader.delete(prefix + "w")
     got = [next(events), next(events)]
     assert got[0]["kv"]["key"] == (prefix + "w").encode() and got[0]["kv"]["value"] == b"w1"
     assert got[1]["type"] == "DELETE"
     cancel()
-    events, cancel = other.watch_prefix(prefix + "p/")
-    time.sleep(0.5)
+    events, cancel = other.watch_prefix(prefix + "p/", start_revision=int(other.status()["header"]["revision"]) + 1)
     follower.put(prefix + "p/1", "a")
     follower.put(prefix + "q", "outside")
     leader.put(prefix + "p/2", "b")
