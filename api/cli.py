@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--service-factory", help=argparse.SUPPRESS)  # tests: fake services
     _add_node_options(up, for_up=True)
 
+    # Run by their own modules (`clusters/chaos.py`, `clusters/demo.py`); listed here for --help.
+    sub.add_parser("chaos", help="run a workload under faults (kill, pause, partition) and check the history", add_help=False)
+    sub.add_parser("demo", help="`capkv demo partition --mode cp|ap`: see the CAP trade-off narrated", add_help=False)
+
     def client_parser(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--endpoints", default=None,
@@ -217,6 +221,16 @@ def _client_options(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("chaos", "demo"):
+        # Their flags are their own: hand over the rest of the command line whole.
+        if argv[0] == "chaos":
+            from clusters.chaos import main as chaos_main
+
+            return chaos_main(argv[1:])
+        from clusters.demo import main as demo_main
+
+        return demo_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

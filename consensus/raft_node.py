@@ -386,6 +386,7 @@ class _Snapshots:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pending: tuple | None = None
+        self.own_index = -1  # index of the last snapshot this node wrote itself
         self.written = 0
         self.installed = 0
         self.skipped_installs = 0
@@ -426,6 +427,7 @@ class _Snapshots:
             # The log prefix this snapshot replaces must be durable in the engine first.
             self.sm.engine.sync()
             snapshot_file.write_snapshot(self.path, header, _yielding(source.rows()), durable=self.durable)
+            self.own_index = header["index"]
             status = SERIALIZER_STATE.SUCCESS
             self.written += 1
         except Exception as exc:  # noqa: BLE001 - reported through the checker
@@ -456,6 +458,16 @@ class _Snapshots:
 
     # tick thread: at start-up and when a leader shipped a snapshot
     def deserialize(self, path: str):
+        writer = self._thread
+        if writer is not None and writer.is_alive():
+            # Our own snapshot is still being written from the engine that an install is
+            # about to wipe: let it finish first (it reads rows the install deletes).
+            writer.join()
+            header = snapshot_file.verify(path)
+            if int(header["index"]) == self.own_index:
+                # ...and it renamed its file over the one pysyncobj had just received.
+                # Refuse this time; the leader ships its snapshot again.
+                raise RuntimeError("a local snapshot replaced the one just received; waiting for it again")
         header = snapshot_file.verify(path)
         index = int(header["index"])
         if index > self.sm.applied_index:

@@ -55,7 +55,7 @@ import struct
 import threading
 from typing import Any, Iterable, Iterator
 
-from api.service import Compacted, InvalidRequest, KeyValue
+from api.service import Compacted, InvalidRequest, KeyValue, Unavailable
 
 COMMAND_VERSION = 1
 
@@ -248,6 +248,7 @@ class KVStateMachine:
     """
 
     _OPTIMISTIC_READ_ATTEMPTS = 3
+    _LOCKED_READ_WAIT_S = 0.5
 
     def __init__(self, engine, limits: StateMachineLimits | None = None) -> None:
         self.engine = engine
@@ -507,8 +508,14 @@ class KVStateMachine:
             result = read(revision)
             if self._sequence == before:
                 return result
-        with self.lock:
+        # Past optimism: an apply is writing (microseconds) or a snapshot is being installed
+        # (seconds); wait briefly, never for a whole install (reads may run on the loop).
+        if not self.lock.acquire(timeout=self._LOCKED_READ_WAIT_S):
+            raise Unavailable("this replica is installing a snapshot; retry shortly", reason="installing_snapshot")
+        try:
             return read(self.revision)
+        finally:
+            self.lock.release()
 
     def _check_revision(self, revision: int | None) -> int | None:
         if revision is None or revision == 0:

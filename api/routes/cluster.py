@@ -15,6 +15,7 @@ from aiohttp import web
 
 from api.errors import NotImplementedYet, invalid, json_response, not_in_mode
 from api.routes.common import Params, key_from_path, limits_of, service_of
+from api.routes.cp_only import read_at_most
 from api.service import Member
 
 PREFLIST_ROUTE_PREFIX = "/v1/cluster/preflist/"
@@ -59,8 +60,8 @@ async def _read_member(request: web.Request) -> Member:
     limit = limits_of(request).max_json_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise invalid("body", f"the body is over {limit} bytes")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
+    raw = await read_at_most(request, limit)
+    if raw is None:
         raise invalid("body", f"the body is over {limit} bytes")
     try:
         data = json.loads(raw)

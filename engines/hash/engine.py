@@ -206,6 +206,38 @@ class _MergeAborted(Exception):
     pass
 
 
+class _GroupCommit(GroupCommit):
+    """base.GroupCommit, except that an fsync counts for everything it covered.
+
+    `sync_fn(target)` returns the position it actually made durable: it flushes the whole
+    append buffer, so writers that appended while the syncer waited for the lock are on
+    disk too, and need no fsync of their own. With 8 writers this lifts the writes shared
+    per fsync from about half the writers to nearly all of them.
+    """
+
+    def wait_durable(self, position: int) -> None:
+        with self._cond:
+            while self._durable < position:
+                if self._syncing:
+                    self._cond.wait()
+                    continue
+                self._syncing = True
+                target = self._written
+                self._cond.release()
+                try:
+                    covered = self._sync_fn(target)
+                finally:
+                    self._cond.acquire()
+                    self._syncing = False
+                    self._cond.notify_all()
+                self.fsyncs += 1
+                covered = max(target, covered or 0)
+                if covered > self._durable:
+                    self._durable = covered
+                if covered > self._written:
+                    self._written = covered
+
+
 class HashEngine:
     """Bitcask-style engine: see the module docstring. `HashEngine(path, **options)`.
 
@@ -300,7 +332,7 @@ class HashEngine:
             os.close(self._lock_fd)
             raise
 
-        self._group_commit = GroupCommit(self._sync_files)
+        self._group_commit = _GroupCommit(self._sync_files)
         self._syncer = None
         self._after_write = None
         if self._sync_mode == "always":
@@ -515,20 +547,26 @@ class HashEngine:
         self._stats["rotations"] += 1
         self._wake_maintenance()
 
-    def _sync_files(self, target: int | None = None) -> None:
+    def _sync_files(self, target: int | None = None) -> int:
         """Make every append so far durable: flush, fsync rotated files not yet synced,
         the active file and (after creations) the directory. Safe while writers append;
-        GroupCommit calls it with the position it covers."""
-        with self._lock:
-            if self._active is None:
-                return
-            self._flush()
-            files = self._unsynced
-            self._unsynced = []
-            files.append(self._active)
-            dir_dirty = self._dir_dirty
-            self._dir_dirty = False
+        GroupCommit calls it with the position it covers; returns the position (bytes
+        appended since open) that is durable when it returns."""
+        time.sleep(0)  # let writers that are ready append first: this fsync covers them too
+        # _fsync_lock around the whole call: two syncs at once (group commit, the batch
+        # syncer, sync(), a merge) must not return before the files the other took are
+        # fsynced. Lock order everywhere: _fsync_lock, then _lock.
         with self._fsync_lock:
+            with self._lock:
+                if self._active is None:
+                    return 0
+                self._flush()
+                covered = self._base_position + self._active_size
+                files = self._unsynced
+                self._unsynced = []
+                files.append(self._active)
+                dir_dirty = self._dir_dirty
+                self._dir_dirty = False
             for df in files:
                 if df.closed:
                     continue  # retired by a merge (its live records are in synced outputs)
@@ -545,6 +583,7 @@ class HashEngine:
             if dir_dirty:
                 self._fsync_dir()
         self._stats["fsyncs"] += 1
+        return covered
 
     def _write_hint_file(self, df: DataFile, index: dict) -> None:
         """Write df's hint atomically (temp file, fsync, rename)."""
@@ -1081,7 +1120,7 @@ class HashEngine:
                 with self._fsync_lock:
                     active.close()
                 os.unlink(active.path)
-            with self._lock, self._fsync_lock:
+            with self._fsync_lock, self._lock:
                 for df in self._files.values():
                     df.close()
             self._fsync_dir()

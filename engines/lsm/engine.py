@@ -77,7 +77,7 @@ from .bloom import key_hash
 from .compaction import MAX_LEVELS, CompactionPlan, full_plan, merge_runs, pick_compaction, plan_runs
 from .memtable import Memtable
 from .merge import memtable_chunks, merge_chunks, table_chunks
-from .worker import WORKER_SUFFIX, WorkerClient
+from .worker import WORKER_SUFFIX, WorkerClient, WorkerDied
 from .sstable import TOMBSTONE, BlockCache, Table, write_table
 from .wal import OP_DELETE, OP_PUT, WalWriter, encode_batch, replay
 
@@ -210,7 +210,7 @@ class LSMEngine:
             wal_bytes=0, flushes=0, flush_bytes=0,
             compactions=0, trivial_moves=0, compaction_bytes_read=0, compaction_bytes_written=0,
             tombstones_dropped=0, versions_dropped=0, write_stalls=0, write_stall_seconds=0.0,
-            wal_torn_tails=0, wal_torn_bytes=0, wal_records_recovered=0,
+            wal_torn_tails=0, wal_torn_bytes=0, wal_records_recovered=0, worker_failures=0,
         )
         self.torn_tails: list[dict] = []
         # Counted by every write, so plain attributes rather than dict entries.
@@ -574,12 +574,19 @@ class LSMEngine:
             number = next(self._numbers)
             table_path = os.path.join(self.path, _file_name(number, "sst"))
             opts = self.lsm_options
+            written = False
             if self._use_process:
                 worker_path = table_path + WORKER_SUFFIX
-                self._flush_worker.call("write_table", path=worker_path, keys=keys, values=values,
-                                        block_bytes=opts.block_bytes, bloom_bits_per_key=opts.bloom_bits_per_key)
-                os.replace(worker_path, table_path)
-            else:
+                try:
+                    self._flush_worker.call("write_table", path=worker_path, keys=keys, values=values,
+                                            block_bytes=opts.block_bytes, bloom_bits_per_key=opts.bloom_bits_per_key)
+                    os.replace(worker_path, table_path)
+                    written = True
+                except (WorkerDied, OSError) as exc:
+                    if self._closing:
+                        raise
+                    self._worker_unavailable(exc)
+            if not written:
                 write_table(table_path, keys, values, block_bytes=opts.block_bytes,
                             bloom_bits_per_key=opts.bloom_bits_per_key)
             table = Table(table_path, number, self._cache)
@@ -679,9 +686,13 @@ class LSMEngine:
         if not plan.move:
             level_of = {t.number: i for i, tables in enumerate(self._version.levels) for t in tables}
             runs = plan_runs(plan, level_of)
+            result = None
             if self._use_process:
-                outputs, result = self._merge_in_worker(plan, runs)
-            else:
+                try:
+                    outputs, result = self._merge_in_worker(plan, runs)
+                except (WorkerDied, OSError) as exc:
+                    self._worker_unavailable(exc)
+            if result is None:
                 result = merge_runs(runs, drop_tombstones=plan.drop_tombstones,
                                     target_file_bytes=opts.target_file_bytes, write_output=self._write_output,
                                     should_stop=lambda: self._closing)
@@ -712,6 +723,13 @@ class LSMEngine:
             self._counters["compactions"] += 1
             for table in plan.inputs:
                 table.mark_obsolete()
+
+    def _worker_unavailable(self, exc: BaseException) -> None:
+        """A worker process could not start or died: do the work in this process from now on."""
+        log.warning("lsm engine at %s: background worker process failed (%r); flushing and compacting "
+                    "in threads instead", self.path, exc)
+        self._use_process = False
+        self._counters["worker_failures"] += 1
 
     def _merge_in_worker(self, plan: CompactionPlan, runs: list) -> tuple[list, dict]:
         """merge_runs in the compaction worker; its outputs renamed into place and opened."""
@@ -821,6 +839,7 @@ class LSMEngine:
             "fsyncs": self._group.fsyncs,
             "block_cache_misses": self._cache.misses,
             "background_error": repr(self._background_error) if self._background_error else None,
+            "background_process": self._use_process,
             **counters,
         }
 

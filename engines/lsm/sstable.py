@@ -164,9 +164,13 @@ def search_block(data: bytes, key: bytes):
         return TOMBSTONE
     if kind != KIND_PUT:
         raise ValueError(f"entry {lo} has unknown kind {kind}")
-    value_ends = _u32_array(data, 4 + 4 * n, n)
     values_at = head + key_ends[n - 1]
-    return data[values_at + (value_ends[lo - 1] if lo else 0):values_at + value_ends[lo]]
+    ends_at = 4 + 4 * n + 4 * lo  # value_ends[lo], and value_ends[lo - 1] before it
+    begin = _U32.unpack_from(data, ends_at - 4)[0] if lo else 0
+    (finish,) = _U32.unpack_from(data, ends_at)
+    if begin > finish or values_at + finish > len(data):
+        raise ValueError(f"entry {lo} has value offsets {begin}..{finish} outside its block")
+    return data[values_at + begin:values_at + finish]
 
 
 class BlockCache:

@@ -97,7 +97,8 @@ def test_compaction_keeps_every_key_and_drops_shadowed_versions_and_tombstones(p
     after = engine.stats()
     assert after["table_entries"] == len(model), "shadowed versions or tombstones survived a full compaction"
     assert after["table_tombstones"] == 0
-    assert sum(after["tables_per_level"][:-1]) == 0 or after["tables_per_level"][0] == 0
+    used_levels = [level for level, count in enumerate(after["tables_per_level"]) if count]
+    assert len(used_levels) == 1 and used_levels[0] >= 1, "a full compaction leaves one sorted run"
     live = sum(len(k) + len(v) for k, v in model.items())
     assert disk_bytes(path) < disk_before / 4
     assert disk_bytes(path) < live * 1.5
@@ -617,3 +618,35 @@ def test_background_error_stops_writes_with_a_clear_error(path, monkeypatch):
     assert engine.get(b"k00000") == b"v" * 50
     engine.close()
     shutil.rmtree(path)
+
+
+def test_a_worker_process_that_cannot_start_falls_back_to_threads(path, monkeypatch):
+    from engines.lsm.worker import WorkerClient
+
+    def no_processes(self):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(WorkerClient, "_start", no_processes)
+    engine = LSMEngine(path, **SMALL, background_process=True)
+    model = {b"k%05d" % i: b"v" * (i % 70) for i in range(3000)}
+    for key, value in model.items():
+        engine.put(key, value)
+    engine.compact()
+    stats = engine.stats()
+    assert stats["worker_failures"] >= 1 and stats["background_process"] is False
+    assert stats["background_error"] is None and stats["compactions"] >= 1
+    assert dict(engine.scan()) == model
+    engine._check()
+    engine.close()
+
+
+def test_worker_processes_end_with_the_engine(path):
+    engine = LSMEngine(path, **SMALL, background_process=True)
+    for i in range(2000):
+        engine.put(b"k%05d" % i, b"v" * 40)
+    engine.compact()
+    workers = [engine._flush_worker._process, engine._compaction_worker._process]
+    assert all(w is not None and w.poll() is None for w in workers), "compaction did not use the workers"
+    engine.close()
+    assert all(w.poll() is not None for w in workers), "a worker process outlived close()"
+    assert not [n for n in os.listdir(path) if n.endswith(".tmp")]

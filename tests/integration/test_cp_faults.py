@@ -338,7 +338,8 @@ def test_compare_and_swap_counter_counts_every_increment_once(cp_cluster, fault)
     assert not errors, errors[0]
     assert not any(t.is_alive() for t in threads)
     elapsed = time.monotonic() - started
-    final = NodeClient(timeout=10).get(urls[0], key, timeout_ms=5000)
+    cluster.wait_healthy(timeout=30)  # a restarted victim may still be starting
+    final = NodeClient(timeout=10).get(cluster.url(cluster.leader()), key, timeout_ms=5000)
     total = {name: sum(t[name] for t in tallies) for name in ("attempts", "conflicts", "unknown")}
     print(f"\ncounter ({fault}): {final.body} after {elapsed:.2f} s; {total}")
     assert final.status == 200
