@@ -27,10 +27,12 @@ Fields:
   certainly did not happen: a 503, a refused connection) or `unknown` (it may or may not
   have happened, at any moment after `invoke`: a 504, a client timeout).
 - `result`: what else the server said, for people and for the revision checks. The
-  register model reads two fields: `succeeded: false` on an `ok` cas means the compare did
-  not hold (a 412: the write did not happen, but the cas saw a different value), and
-  `deleted: 0|1` on an `ok` delete says whether the key was there. Other fields
-  (`revision`, `mod_revision`, `status`, `node`, `error`) are informational.
+  register model reads: `succeeded: false` on an `ok` cas (the compare did not hold, a
+  412: the write did not happen, but the cas saw a different value); `deleted: 0|1` on an
+  `ok` delete (whether the key was there); `mod_revision` on such a failed cas, which
+  pins the value it saw when some write's `revision` (or a read's `mod_revision`) names
+  it. `revision` (of a write; the store's, for a read) and a read's `mod_revision` feed
+  `revisions.py`. Other fields (`status`, `node`, `error`) are for people.
 
 Values and keys are strings: workloads write ASCII values so that a read names the write
 it saw.

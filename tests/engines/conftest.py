@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
 from typing import Callable
 
 import pytest
@@ -195,19 +194,3 @@ def persistent_opener(persistent_kind, tmp_path):
 def engine(opener):
     """A freshly opened engine of each kind, with default options."""
     return opener()
-
-
-@pytest.fixture
-def make_dir(tmp_path):
-    """Fresh, distinct directories for engines a test opens itself."""
-    counter = [0]
-
-    def make(name: str = "engine") -> str:
-        counter[0] += 1
-        return str(tmp_path / f"{name}-{counter[0]}")
-
-    return make
-
-
-def copy_tree(src: str, dst: str) -> None:
-    shutil.copytree(src, dst)
