@@ -93,7 +93,6 @@ class APWorkload:
     """
 
     def __init__(self, urls: Sequence[str], recorder, config: APWorkloadConfig):
-        from tests.integration.workload import NodeClient  # noqa: F401 - fail early if missing
 
         self.urls = list(urls)
         self.recorder = recorder
@@ -128,8 +127,8 @@ class APWorkload:
             raise TimeoutError(f"workload clients still running: {alive}")
 
     def _client(self, number: int) -> None:
-        from tests.checkers.history import HistoryFull
-        from tests.integration.workload import NodeClient
+        from clusters.checkers.history import HistoryFull
+        from clusters.workload import NodeClient
 
         config = self.config
         rng = random.Random(f"{config.seed}-ap-{number}")
@@ -156,7 +155,7 @@ class APWorkload:
             client.close()
 
     def _send(self, client, rng: random.Random, method: str, path: str, body: bytes | None = None):
-        from tests.integration.workload import RequestFailed, RequestLost
+        from clusters.workload import RequestFailed, RequestLost
 
         url = rng.choice(self.urls)
         try:
@@ -176,7 +175,7 @@ class APWorkload:
 
     def _read(self, client, rng: random.Random, number: int, key: str) -> tuple[int, str | None] | None:
         """GET at the default R; returns (read op id, context) when it answered."""
-        from tests.integration.workload import kv_path
+        from clusters.workload import kv_path
 
         pending = self.recorder.invoke(number, "read", key)
         url, response, error = self._send(client, rng, "GET", kv_path(key, timeout_ms=self.config.timeout_ms))
@@ -199,7 +198,7 @@ class APWorkload:
         return None
 
     def _write(self, client, rng: random.Random, number: int, key: str, value: str, seen: tuple[int, str | None] | None) -> None:
-        from tests.integration.workload import kv_path
+        from clusters.workload import kv_path
 
         pending = self.recorder.invoke(number, "write", key, value=value)
         read_id, context = seen if seen is not None else (None, None)
@@ -384,7 +383,7 @@ def _validate(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> RunResult:
     faults = _validate(args)
-    from tests.checkers import history as history_module
+    from clusters.checkers import history as history_module
 
     seed = args.seed if args.seed is not None else random.randrange(1 << 31)
     base = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix=f"capkv-chaos-{args.mode}-"))
@@ -403,7 +402,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> RunResu
         schedule = plan(faults, args.time, list(cluster.nodes), random.Random(seed))
         recorder = history_module.HistoryRecorder()
         if args.mode == "cp":
-            from tests.integration.workload import Workload, WorkloadConfig
+            from clusters.workload import Workload, WorkloadConfig
 
             workload = Workload(cluster.urls, recorder, WorkloadConfig(
                 clients=args.clients, keys=keys, key_prefix="chaos/", duration=args.time, timeout_ms=REQUEST_TIMEOUT_MS,
@@ -439,7 +438,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> RunResu
             out(f"  unexpected answer: {line}")
 
         if args.mode == "cp":
-            from tests.checkers import linearizability
+            from clusters.checkers import linearizability
 
             out("  checking linearizability ...")
             verdict = linearizability.check(ops)
@@ -449,7 +448,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> RunResu
             if verdict.valid is None:
                 summary += "\n  (the search gave up: the verdict is inconclusive; try fewer clients or a shorter run)"
         else:
-            from tests.checkers import ap_checker
+            from clusters.checkers import ap_checker
 
             out("  healed; reading every key at R=N until the replicas agree ...")
             written = sorted({op.key for op in ops})

@@ -94,6 +94,8 @@ class RaftOptions:
     batch_sync_interval_ms: float = 5.0
     # Replies held for the journal sync (sync="always"), per tick; past it we sync at once.
     max_held_replies: int = 10_000
+    # Members added and removed at run time (one at a time, research/pysyncobj.md §5).
+    dynamic_membership: bool = True
 
     def conf_kwargs(self) -> dict:
         return dict(
@@ -110,7 +112,7 @@ class RaftOptions:
             # Send each command at once instead of on the next 100 ms heartbeat: ~0.5 ms
             # commits instead of ~100 ms (§6.2).
             appendEntriesUseBatch=False,
-            dynamicMembershipChange=False,
+            dynamicMembershipChange=self.dynamic_membership,
             maxBindRetries=0,
             bindRetryTime=0.5,
         )
@@ -439,6 +441,9 @@ class _Snapshots:
                     os.unlink(self.path)
                 except FileNotFoundError:
                     pass
+        finally_done = getattr(source, "done", None)
+        if finally_done is not None:
+            finally_done()  # compaction may delete history rows again
         self.last_seconds = time.perf_counter() - started
         with self._lock:
             self._status = status
@@ -571,6 +576,7 @@ class RaftNode:
             self._self_node,
             list(self._nodes.values()),
             conf,
+            nodeClass=PeerNode,
             transportClass=_HoldingTransport,
         )
         transport = getattr(self._obj, "_SyncObj__transport")
@@ -631,15 +637,43 @@ class RaftNode:
         leader = self._obj._getLeader()
         if leader is None:
             return None
-        return self._member_by_address.get(getattr(leader, "address", str(leader)))
+        address = getattr(leader, "address", str(leader))
+        return self._member_by_address.get(address) or getattr(leader, "member_id", "") or address
+
+    def register_member(self, member_id: str, address: str) -> None:
+        """Name a peer address added at run time (tick or loop thread; a dict store)."""
+        self._member_by_address[address] = member_id
+
+    def _other_nodes(self) -> list:
+        return list(getattr(self._obj, "_SyncObj__otherNodes"))
+
+    def member_addresses(self) -> list[str]:
+        """Every member's peer address as this node's Raft layer sees them now."""
+        return [self.self_peer.address] + [n.address for n in self._other_nodes()]
 
     def reachable(self, member_id: str) -> bool:
         if member_id == self.self_peer.member_id:
             return True
-        for node in self._nodes.values():
-            if node.member_id == member_id:
+        for node in self._other_nodes():
+            address = node.address
+            if self._member_by_address.get(address, getattr(node, "member_id", "") or address) == member_id:
                 return self._obj.isNodeConnected(node)
         return False
+
+    def change_membership(self, change: tuple, callback: Callable[[Any, str, str], None]) -> None:
+        """("add", member_id, address) | ("remove", address) | ("transfer",): pysyncobj's
+        single-server change (forwarded to the leader like any command) or, on the
+        leader, a leadership transfer. `callback` as for `submit`."""
+
+        def done(result, error):
+            callback(result, _OUTCOMES.get(error, UNKNOWN), _REASONS.get(error, str(error)))
+
+        if change[0] == "add":
+            self._obj.addNodeToCluster(PeerNode(change[2], None, change[1]), callback=done)
+        elif change[0] == "remove":
+            self._obj.removeNodeFromCluster(PeerNode(change[1]), callback=done)
+        else:
+            self._obj.transferLeadership(callback=done)
 
     def has_quorum(self) -> bool:
         return self._obj.hasQuorum

@@ -23,13 +23,21 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import math
 import os
+import secrets
 import threading
 import uuid
 from typing import Any
 
 from api.service import (
+    Compacted,
+    Compare,
     DeleteResult,
+    LeaseInfo,
+    Member,
+    TxnOp,
+    TxnResult,
     InvalidRequest,
     KeyValue,
     NodeConfig,
@@ -47,7 +55,20 @@ from engines import open_engine
 from .bridge import Bridge
 from .raft_node import APPLIED, NOT_APPLIED, Peer, RaftNode, RaftOptions
 from .reads import ReadBarrier
-from .state_machine import KVStateMachine, StateMachineLimits, kv_from_dict, make_barrier, make_delete, make_put
+from .state_machine import (
+    KVStateMachine,
+    StateMachineLimits,
+    kv_from_dict,
+    make_barrier,
+    make_compact,
+    make_delete,
+    make_lease,
+    make_member,
+    make_put,
+    make_txn,
+    txn_problem,
+)
+from .watch import WatchHub, WatchLimits
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +91,17 @@ class ServiceLimits:
     max_timeout_s: float = 300.0
     # Range reads up to this many items run on the event loop; longer ones on a thread.
     inline_range_limit: int = 256
+    # Random lease ids tried before giving up (a clash among 2**63 ids is one in billions).
+    lease_id_attempts: int = 3
+    # `leases()` lists at most this many.
+    max_leases_listed: int = 100_000
+    # How often the leader looks for expired leases (expiry is this late at most).
+    lease_check_interval_s: float = 0.1
+    # A new leader gives every lease at least this long (its keepalives may have been
+    # refused during the election); never shortens one.
+    lease_promote_grace_s: float = 2.0
+    # Expiry proposals in flight at once.
+    max_expiries_in_flight: int = 64
 
 
 def create_service(
@@ -114,6 +146,9 @@ class ConsensusService:
         self._barrier: ReadBarrier | None = None
         self._slots: asyncio.Semaphore | None = None
         self._inflight: set[asyncio.Future] = set()
+        self._hub: WatchHub | None = None
+        self._lessor = Lessor()
+        self._lease_task: asyncio.Task | None = None
         self._started = False
         self._stopped = False
         self._counters = dict.fromkeys(
@@ -127,6 +162,7 @@ class ConsensusService:
                 "reads_unavailable_total",
                 "precondition_failed_total",
                 "duplicate_requests_total",
+                "leases_expired_total",
             ),
             0,
         )
@@ -159,6 +195,9 @@ class ConsensusService:
         self._bridge = Bridge(loop)
         self._slots = asyncio.Semaphore(self.limits.max_in_flight)
         self._barrier = ReadBarrier(self._propose_barrier)
+        self._hub = WatchHub(loop, self._sm, WatchLimits(), on_leases=self._on_leases)
+        self._lessor.load(self._sm.leases(), loop.time())
+        self._sm.listener = self._hub.on_apply
         routes = dict(config.peer_routes)
         me = config.self_member
         peers = [Peer(m.id, m.peer_address, routes.get(m.id)) for m in config.members if m.id != me.id]
@@ -167,7 +206,24 @@ class ConsensusService:
         except BaseException:
             self._engine.close()
             raise
+        for member_id, record in self._sm.members().items():
+            if not record["removed"]:
+                self._raft.register_member(member_id, record["peer_address"])
         self._started = True
+        self._lease_task = asyncio.ensure_future(self._lease_timer())
+
+    def _on_leases(self, notices: list) -> None:
+        self._lessor.apply([n for n in notices if n[0] in ("refresh", "gone")], asyncio.get_running_loop().time())
+        for kind, member_id, _, _ in notices:
+            if kind in ("member", "step_down"):
+                self._on_member_notice(kind, member_id)
+            elif kind == "installed":
+                # A snapshot replaced the store: leases and members as it holds them.
+                self._lessor.deadlines.clear()
+                self._lessor.load(self._sm.leases(), asyncio.get_running_loop().time())
+                for mid, record in self._sm.members().items():
+                    if not record["removed"]:
+                        self._raft.register_member(mid, record["peer_address"])
 
     def _new_raft_node(self, me, peers) -> RaftNode:
         config = self.config
@@ -185,6 +241,9 @@ class ConsensusService:
         if not self._started or self._stopped:
             return
         self._stopped = True
+        self._hub.close()
+        if self._lease_task is not None:
+            self._lease_task.cancel()
         await self._barrier.close(Unavailable("this node is stopping", reason="stopped"))
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._raft.destroy)
@@ -339,9 +398,13 @@ class ConsensusService:
             raise ValueTooLarge(message)
         if error == "lease_not_found":
             raise NotFound(message, code="lease_not_found")
+        if error == "lease_exists":
+            raise PreconditionFailed(message, code="lease_exists", lease_id=result.get("lease_id"))
+        if error == "compacted":
+            raise Compacted(message, compact_revision=result.get("compact_revision", self._sm.compact_revision))
         if error == "replica_failed":
             raise Unavailable(message, reason="replica_failed")
-        if error.startswith("invalid_") or error in ("too_many_keys", "unsupported_command_version"):
+        if error.startswith("invalid_") or error in ("too_many_keys", "too_many_leases", "unsupported_command_version"):
             raise InvalidRequest(message, code=error if error.startswith("invalid_") else f"invalid_{error}")
         raise ServiceError(message, code=error)
 
@@ -517,7 +580,7 @@ class ConsensusService:
         running = self._started and not self._stopped
         leader = raft.leader_id() if running else None
         members = []
-        for member in self.config.members:
+        for member in (self._members() if running else self.config.members):
             if member.id == self.node_id:
                 role = raft.role() if running else "stopped"
             else:
@@ -580,6 +643,316 @@ class ConsensusService:
             out[f"raft_{key}"] = float(value)
         return out
 
+    # --- CPExtras: transactions ----------------------------------------------------------
+
+    def _compare_dict(self, compare: Any) -> dict:
+        if not isinstance(compare, Compare):
+            raise InvalidRequest("a compare is an api.service.Compare", code="invalid_txn")
+        key = self._check_key(compare.key)
+        if compare.target not in ("value", "version", "create_revision", "mod_revision", "lease"):
+            raise InvalidRequest(f"unknown compare target {compare.target!r}", code="invalid_txn")
+        if compare.op not in ("==", "!=", "<", ">"):
+            raise InvalidRequest(f"unknown compare op {compare.op!r}", code="invalid_txn")
+        value = compare.value
+        if compare.target == "value":
+            if not isinstance(value, (bytes, bytearray)):
+                raise InvalidRequest("a value compare takes bytes", code="invalid_txn")
+            value = bytes(value)
+        elif not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidRequest(f"a {compare.target} compare takes an integer", code="invalid_txn")
+        return {"key": key, "target": compare.target, "op": compare.op, "value": value, "end": self._check_end(compare.end)}
+
+    def _check_end(self, end: Any) -> bytes | None:
+        if end is None:
+            return None
+        if not isinstance(end, (bytes, bytearray)) or not end:
+            raise InvalidRequest("end must be non-empty bytes", code="invalid_range_end")
+        return bytes(end)
+
+    def _op_dict(self, op: Any, depth: int = 0) -> dict:
+        if not isinstance(op, TxnOp):
+            raise InvalidRequest("a txn op is an api.service.TxnOp", code="invalid_txn")
+        if op.op == "txn":
+            if depth >= 8:
+                raise InvalidRequest("txns nest at most 8 deep", code="invalid_txn")
+            return {
+                "op": "txn",
+                "compare": [self._compare_dict(c) for c in op.compare],
+                "success": [self._op_dict(o, depth + 1) for o in op.success],
+                "failure": [self._op_dict(o, depth + 1) for o in op.failure],
+            }
+        key = self._check_key(op.key)
+        end = self._check_end(op.end)
+        if op.op == "get":
+            for name in ("limit", "revision"):
+                value = getattr(op, name)
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                    raise InvalidRequest(f"{name} must be a non-negative integer", code=f"invalid_{name}")
+            return {"op": "get", "key": key, "end": end, "limit": op.limit, "keys_only": bool(op.keys_only),
+                    "count_only": bool(op.count_only), "revision": op.revision}  # fmt: skip
+        if op.op == "put":
+            value = op.value if op.value is not None else b""
+            if not isinstance(value, (bytes, bytearray)):
+                raise InvalidRequest("value must be bytes", code="invalid_value")
+            if len(value) > self.config.max_value_bytes:
+                raise ValueTooLarge(f"value is {len(value)} bytes; the limit is {self.config.max_value_bytes}")
+            if not isinstance(op.lease, int) or isinstance(op.lease, bool) or op.lease < 0:
+                raise InvalidRequest("lease must be a non-negative integer", code="invalid_lease")
+            return {"op": "put", "key": key, "value": bytes(value), "lease": op.lease, "prev": bool(op.prev)}
+        if op.op == "delete":
+            return {"op": "delete", "key": key, "end": end, "prev": bool(op.prev)}
+        raise InvalidRequest(f"unknown txn op {op.op!r}", code="invalid_txn")
+
+    async def txn(
+        self,
+        compare: list,
+        success: list,
+        failure: list,
+        *,
+        request_id: str | None = None,
+        timeout: float = 5.0,
+    ) -> TxnResult:
+        """Atomic compare-then-branch, one revision for all its writes (one command)."""
+        command = make_txn(
+            [self._compare_dict(c) for c in compare],
+            [self._op_dict(o) for o in success],
+            [self._op_dict(o) for o in failure],
+            request_id=self._request_id(request_id),
+        )
+        problem = txn_problem(command, self.sm_limits.max_txn_ops)
+        if problem is not None:
+            raise InvalidRequest(problem, code="invalid_txn")
+        timeout = self._check_timeout(timeout)
+        writes = any(o["op"] != "get" for o in command["success"] + command["failure"])
+        if writes:
+            self._counters["writes_total"] += 1
+            result = await self._write(command, timeout)
+        else:
+            # Read-only: a barrier then a local evaluation would do too, but one path is simpler.
+            result = await self._write(command, timeout)
+        return _txn_result(result)
+
+    # --- CPExtras: leases ----------------------------------------------------------------
+
+    async def lease_grant(self, ttl: int, *, lease_id: int = 0, timeout: float = 5.0) -> LeaseInfo:
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= self.sm_limits.max_lease_ttl_s:
+            raise InvalidRequest(f"ttl must be 1..{self.sm_limits.max_lease_ttl_s} seconds", code="invalid_ttl")
+        if not isinstance(lease_id, int) or isinstance(lease_id, bool) or not 0 <= lease_id < 2**63:
+            raise InvalidRequest("a lease id is a positive 63-bit integer (0: pick one)", code="invalid_lease")
+        timeout = self._check_timeout(timeout)
+        chosen = lease_id
+        for _ in range(self.limits.lease_id_attempts):
+            if not lease_id:
+                chosen = secrets.randbelow(2**63 - 1) + 1  # as etcd: random, chosen before proposing
+            command = make_lease("lease_grant", chosen, ttl=ttl, request_id=self._request_id(None))
+            try:
+                result = await self._write(command, timeout)
+            except PreconditionFailed:
+                if lease_id:
+                    raise
+                continue
+            return LeaseInfo(id=chosen, ttl=int(result["ttl"]), granted_ttl=int(result["ttl"]))
+        raise Unavailable("could not pick a free lease id", reason="lease_id")
+
+    def _check_lease_id(self, lease_id: Any) -> int:
+        if not isinstance(lease_id, int) or isinstance(lease_id, bool) or not 0 < lease_id < 2**63:
+            raise NotFound(f"lease {lease_id} not found", code="lease_not_found")
+        return lease_id
+
+    async def lease_revoke(self, lease_id: int, *, timeout: float = 5.0) -> int:
+        lease_id = self._check_lease_id(lease_id)
+        timeout = self._check_timeout(timeout)
+        self._counters["writes_total"] += 1
+        result = await self._write(make_lease("lease_revoke", lease_id, request_id=self._request_id(None)), timeout)
+        return int(result["revision"])
+
+    async def lease_keepalive(self, lease_id: int, *, timeout: float = 5.0) -> LeaseInfo:
+        lease_id = self._check_lease_id(lease_id)
+        timeout = self._check_timeout(timeout)
+        # Idempotent (it only moves the lease's refresh index), so no request id is needed.
+        result = await self._write(make_lease("lease_keepalive", lease_id), timeout)
+        ttl = int(result["ttl"])
+        return LeaseInfo(id=lease_id, ttl=ttl, granted_ttl=ttl)
+
+    async def lease_info(self, lease_id: int, *, keys: bool = False, timeout: float = 5.0) -> LeaseInfo:
+        lease_id = self._check_lease_id(lease_id)
+        await self._before_read("linearizable", timeout)
+        lease = self._sm.lease(lease_id)
+        if lease is None:
+            raise NotFound(f"lease {lease_id} not found (it expired, was revoked, or never existed)", code="lease_not_found")
+        return self._lease_info(lease_id, lease, keys)
+
+    def _lease_info(self, lease_id: int, lease: dict, keys: bool) -> LeaseInfo:
+        granted = int(lease["ttl"])
+        left = self._lessor.ttl_left(lease_id, asyncio.get_running_loop().time(), granted)
+        return LeaseInfo(id=lease_id, ttl=left, granted_ttl=granted, keys=self._sm.lease_keys(lease_id) if keys else [])
+
+    async def leases(self, *, timeout: float = 5.0) -> list[LeaseInfo]:
+        await self._before_read("linearizable", timeout)
+        return [self._lease_info(lease_id, lease, False) for lease_id, lease in self._sm.leases()[: self.limits.max_leases_listed]]
+
+    async def _lease_timer(self) -> None:
+        """On the leader: propose the expiry of every lease whose time is up. On becoming
+        leader, re-arm every lease from now, never shorter than it was (Lessor.promote)."""
+        loop = asyncio.get_running_loop()
+        was_leader = False
+        in_flight: set[int] = set()
+        while not self._stopped:
+            await asyncio.sleep(self.limits.lease_check_interval_s)
+            try:
+                is_leader = self._raft.role() == "leader"
+            except Exception:  # noqa: BLE001 - stopping
+                return
+            now = loop.time()
+            if is_leader and not was_leader:
+                self._lessor.promote(now, self.limits.lease_promote_grace_s)
+            was_leader = is_leader
+            if not is_leader:
+                continue
+            for lease_id, refresh in self._lessor.due(now, self.limits.max_expiries_in_flight - len(in_flight)):
+                if lease_id in in_flight:
+                    continue
+                in_flight.add(lease_id)
+                task = asyncio.ensure_future(self._expire(lease_id, refresh))
+                task.add_done_callback(lambda _t, i=lease_id: in_flight.discard(i))
+
+    async def _expire(self, lease_id: int, refresh: int) -> None:
+        try:
+            await self._submit(make_lease("lease_expire", lease_id, refresh=refresh), 5.0, retry_unknown=True)
+            self._counters["leases_expired_total"] += 1
+        except ServiceError:
+            pass  # still due: the next check proposes it again
+
+    # --- CPExtras: watches and compaction ------------------------------------------------
+
+    def watch(
+        self,
+        start: bytes,
+        end: bytes | None = None,
+        *,
+        start_revision: int | None = None,
+        prev: bool = False,
+        progress_interval: float = 10.0,
+    ):
+        """Events of [start, end) from `start_revision` (consensus/watch.py). Raises
+        Compacted at once when that revision's history is gone."""
+        self._check_running()
+        if not isinstance(start, (bytes, bytearray)):
+            raise InvalidRequest("start must be bytes", code="invalid_key")
+        start = bytes(start) or b"\x00"
+        end = self._check_end(end)
+        if start_revision is not None and (
+            not isinstance(start_revision, int) or isinstance(start_revision, bool) or start_revision < 0
+        ):
+            raise InvalidRequest("start_revision must be a non-negative integer", code="invalid_revision")
+        if not isinstance(progress_interval, (int, float)) or not progress_interval > 0:
+            raise InvalidRequest("progress_interval must be positive", code="invalid_progress_interval")
+        return self._hub.watch(start, end, start_revision=start_revision or None, prev=bool(prev),
+                               progress_interval=float(progress_interval))  # fmt: skip
+
+    async def compact(self, revision: int, *, timeout: float = 5.0) -> int:
+        """Drop history below `revision`; returns the store's revision. Compacted when it
+        is at or below the compact revision, InvalidRequest when it is in the future."""
+        if not isinstance(revision, int) or isinstance(revision, bool) or revision < 1:
+            raise InvalidRequest("revision must be a positive integer", code="invalid_revision")
+        timeout = self._check_timeout(timeout)
+        result = await self._submit(make_compact(revision), timeout, retry_unknown=False)
+        self._raise_for(result)
+        return int(result["revision"])
+
+    # --- CPExtras: membership ------------------------------------------------------------
+
+    def _members(self) -> list[Member]:
+        """The cluster file's members, updated by replicated member changes."""
+        members = {m.id: m for m in self.config.members}
+        for member_id, record in self._sm.members().items() if self._sm else ():
+            if record["removed"]:
+                members.pop(member_id, None)
+            else:
+                members[member_id] = Member(member_id, record["client_url"], record["peer_address"])
+        return list(members.values())
+
+    def _on_member_notice(self, kind: str, member_id: str) -> None:
+        if kind == "member":
+            record = self._sm.members().get(member_id)
+            if record and not record["removed"]:
+                self._raft.register_member(member_id, record["peer_address"])
+        elif kind == "step_down" and member_id == self.node_id and self._raft.role() == "leader":
+            self._raft.change_membership(("transfer",), lambda *args: None)
+
+    async def _change_raft_membership(self, change: tuple, deadline: float) -> None:
+        """One pysyncobj membership change, retried while the leader refuses it (its
+        previous change or its own no-op is not applied yet) until `deadline`."""
+        loop = asyncio.get_running_loop()
+        backoff = self.limits.retry_backoff_min_s
+        reason = "timed out"
+        while loop.time() < deadline:
+            blocked = self._leader_unreachable()
+            if blocked is None:
+                future = self._bridge.submit(self._raft.change_membership, change)
+                try:
+                    _, outcome, reason = await asyncio.wait_for(asyncio.shield(future), max(0.01, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    raise OutcomeUnknown(f"the membership change may or may not have happened ({reason})", reason=reason) from None
+                if outcome == APPLIED:
+                    return
+            else:
+                reason = blocked
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.limits.retry_backoff_max_s)
+        raise Unavailable(f"the membership change was not made: {reason}", reason=reason)
+
+    def _raft_has(self, address: str) -> bool:
+        return address in self._raft.member_addresses()
+
+    async def add_member(self, member: Member, *, timeout: float = 30.0) -> dict:
+        """Add one member (pysyncobj's single-server change). Then start the new node with
+        the full new member list. Writes go on meanwhile."""
+        if not isinstance(member, Member) or not member.id or not member.peer_address or not member.client_url:
+            raise InvalidRequest("a member needs an id, a client_url and a peer_address", code="invalid_member")
+        if ":" not in member.peer_address:
+            raise InvalidRequest("peer_address is host:port", code="invalid_member")
+        timeout = self._check_timeout(timeout)
+        deadline = asyncio.get_running_loop().time() + timeout
+        current = self._members()
+        if any(m.id == member.id for m in current):
+            raise InvalidRequest(f"member {member.id} exists", code="invalid_member_id")
+        if any(m.peer_address == member.peer_address for m in current):
+            raise InvalidRequest(f"peer address {member.peer_address} is taken", code="invalid_member")
+        self._raft.register_member(member.id, member.peer_address)
+        await self._write(make_member("member_add", member.id, client_url=member.client_url,
+                                      peer_address=member.peer_address), timeout)  # fmt: skip
+        if not self._raft_has(member.peer_address):
+            await self._change_raft_membership(("add", member.id, member.peer_address), deadline)
+        return {"added": member.id, "members": [m.id for m in self._members()]}
+
+    async def remove_member(self, member_id: str, *, timeout: float = 30.0) -> dict:
+        """Remove one member; the leader first hands leadership over (pysyncobj's leader
+        cannot remove itself). Stop the removed node afterwards."""
+        timeout = self._check_timeout(timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        member = next((m for m in self._members() if m.id == member_id), None)
+        if member is None:
+            raise NotFound(f"no member {member_id}", code="member_not_found")
+        if len(self._members()) <= 1:
+            raise InvalidRequest("the last member cannot be removed", code="invalid_member_id")
+        if self._raft_has(member.peer_address):
+            while self._raft.leader_id() == member_id and loop.time() < deadline:
+                if member_id == self.node_id:
+                    self._raft.change_membership(("transfer",), lambda *args: None)
+                else:
+                    await self._write(make_member("member_step_down", member_id), max(0.1, deadline - loop.time()))
+                until = min(deadline, loop.time() + 3.0)
+                while self._raft.leader_id() in (member_id, None) and loop.time() < until:
+                    await asyncio.sleep(0.05)
+            if self._raft.leader_id() == member_id:
+                raise Unavailable(f"{member_id} leads and did not hand leadership over", reason="leader_transfer")
+            await self._change_raft_membership(("remove", member.peer_address), deadline)
+        await self._write(make_member("member_remove", member_id, client_url=member.client_url,
+                                      peer_address=member.peer_address), max(0.1, deadline - loop.time()))  # fmt: skip
+        return {"removed": member_id, "members": [m.id for m in self._members()]}
+
     # --- extras beyond the CPService protocol ---------------------------------------------
 
     def force_snapshot(self) -> None:
@@ -589,3 +962,74 @@ class ConsensusService:
     @property
     def state_machine(self) -> KVStateMachine:
         return self._sm
+
+
+class Lessor:
+    """When each lease is due, by this node's monotonic clock (loop thread; pure: the
+    time comes in as an argument).
+
+    Every node re-arms a lease when it applies its grant or keepalive, so a follower's
+    deadlines trail the leader's by its apply lag, never lead them; only the leader acts
+    on them (by proposing `lease_expire` with the refresh index it saw).
+
+        lessor.apply([("refresh", 7, 10, 42)], now=100.0)   # lease 7, ttl 10, log index 42
+        lessor.due(111.0, limit=64) -> [(7, 42)]
+    """
+
+    def __init__(self) -> None:
+        self.deadlines: dict[int, list] = {}  # id -> [deadline, granted ttl, refresh index]
+
+    def load(self, leases: list, now: float) -> None:
+        for lease_id, lease in leases:
+            self.deadlines[lease_id] = [now + lease["ttl"], lease["ttl"], lease["refresh"]]
+
+    def apply(self, changes: list, now: float) -> None:
+        for what, lease_id, ttl, refresh in changes:
+            if what == "refresh":
+                self.deadlines[lease_id] = [now + ttl, ttl, refresh]
+            else:
+                self.deadlines.pop(lease_id, None)
+
+    def promote(self, now: float, grace: float) -> None:
+        """Becoming leader: no lease is due sooner than `grace` from now (or its ttl)."""
+        for entry in self.deadlines.values():
+            entry[0] = max(entry[0], now + min(grace, entry[1]))
+
+    def due(self, now: float, limit: int) -> list[tuple[int, int]]:
+        out = []
+        for lease_id, (deadline, _, refresh) in self.deadlines.items():
+            if deadline <= now:
+                out.append((lease_id, refresh))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def ttl_left(self, lease_id: int, now: float, granted: int) -> int:
+        entry = self.deadlines.get(lease_id)
+        if entry is None:
+            return granted
+        return max(0, min(granted, math.ceil(entry[0] - now)))
+
+    def _check(self) -> None:
+        for deadline, ttl, refresh in self.deadlines.values():
+            assert ttl >= 1 and refresh >= 0
+
+
+def _txn_result(result: dict) -> TxnResult:
+    responses = []
+    for response in result.get("responses") or []:
+        op = response.get("op")
+        if op == "get":
+            items = [kv_from_dict(d) for d in response.get("items") or []]
+            responses.append(RangeResult(revision=result["revision"], items=items, more=bool(response.get("more")),
+                                         count=int(response.get("count", len(items)))))  # fmt: skip
+        elif op == "put":
+            prev = response.get("prev")
+            responses.append(PutResult(revision=response["revision"], created=bool(response.get("created")),
+                                       prev=kv_from_dict(prev) if prev else None))  # fmt: skip
+        elif op == "delete":
+            responses.append(DeleteResult(revision=response["revision"], deleted=int(response["deleted"]),
+                                          prev=[kv_from_dict(d) for d in response.get("prev") or []]))  # fmt: skip
+        else:
+            responses.append(_txn_result(response))
+    return TxnResult(succeeded=bool(result["succeeded"]), revision=int(result["revision"]), responses=responses)

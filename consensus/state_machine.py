@@ -55,7 +55,7 @@ import struct
 import threading
 from typing import Any, Iterable, Iterator
 
-from api.service import Compacted, InvalidRequest, KeyValue, Unavailable
+from api.service import Compacted, InvalidRequest, KeyValue, Unavailable, WatchEvent
 
 COMMAND_VERSION = 1
 
@@ -65,6 +65,18 @@ _CURRENT = b"k"
 _HISTORY = b"h"
 _EVENTS = b"e"
 _DEDUPE = b"d"
+_LEASES = b"l"  # + id: {"ttl", "refresh"} (JSON)
+_ATTACHED = b"a"  # + lease id + enc(key): the key is attached to the lease
+_MEMBERS = b"M"  # + member id: {"client_url", "peer_address", "removed"} (JSON)
+_WRITE_OPS = ("put", "delete", "txn", "compact", "lease_grant", "lease_keepalive", "lease_revoke", "lease_expire",
+              "member_add", "member_remove", "member_step_down")  # fmt: skip
+_COMPARE_TARGETS = ("value", "version", "create_revision", "mod_revision", "lease")
+_COMPARE_OPS = {
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+    "<": lambda a, b: a < b,
+    ">": lambda a, b: a > b,
+}
 
 _META = struct.Struct(">QQQ")  # applied_index, revision, compact_revision
 _RECORD = struct.Struct(">QQQqB")  # create_revision, mod_revision, version, lease, flags
@@ -114,6 +126,15 @@ class StateMachineLimits:
     max_value_bytes: int = 16 * 1024 * 1024
     # A request id is a client-chosen string.
     max_request_id_bytes: int = 256
+    # Each lease is a row and a timer on every node.
+    max_leases: int = 100_000
+    # etcd's limit on a lease's TTL (MaxLeaseTTL, 9 000 000 000 s) is needlessly large.
+    max_lease_ttl_s: int = 10 * 365 * 24 * 3600
+    # Ops per list (compare, success, failure) of one txn, etcd's default (--max-txn-ops).
+    max_txn_ops: int = 128
+    # History rows one apply examines for physical compaction (the rest at later applies):
+    # the tick thread that applies also sends heartbeats.
+    compact_rows_per_apply: int = 20_000
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -260,6 +281,15 @@ class KVStateMachine:
         self.revision = 1
         self.compact_revision = 0
         self._requests = _RemembersRequests()
+        # Called on the apply thread after each command that changed keys, leases or members:
+        # listener(revision, [WatchEvent with prev], notices), a notice being
+        # ("refresh" | "gone", lease id, ttl, log index) or ("member" | "step_down", member id, 0, log index).
+        self.listener = None
+        self._snapshot_pins = 0  # snapshots being written: physical compaction waits
+        self._pins_lock = threading.Lock()
+        self._compact_pending = False
+        self._compact_cursor: bytes | None = None  # where the incremental physical compaction resumes
+        self.compacted_rows = 0
         self.applied_commands = 0
         self.skipped_commands = 0
         self._load()
@@ -274,6 +304,7 @@ class KVStateMachine:
         meta = self.engine.get(_META_KEY)
         if meta is not None:
             self.applied_index, self.revision, self.compact_revision = _META.unpack(meta)
+            self._compact_pending = self.compact_revision > 0
         entries = self._requests.entries
         for row_key, row in self.engine.scan(_DEDUPE, _DEDUPE + b"\xff"):
             index = _U64.unpack(row_key[1:])[0]
@@ -319,8 +350,12 @@ class KVStateMachine:
         op = command.get("op")
         if op == "barrier":
             return {"revision": self.revision, "index": index}
-        if op not in ("put", "delete"):
+        if op not in _WRITE_OPS:
             raise CommandError("invalid_command", f"unknown op {op!r}")
+        if self._compact_pending and not self._snapshot_pins:
+            self._physical_compact()
+        if op == "compact":
+            return self._compact(command, index)
 
         request_id = command.get("request_id")
         fingerprint = ""
@@ -329,16 +364,28 @@ class KVStateMachine:
                 raise CommandError("invalid_request_id", "request_id must be a non-empty string")
             if len(request_id.encode()) > self.limits.max_request_id_bytes:
                 raise CommandError("invalid_request_id", f"request_id is over {self.limits.max_request_id_bytes} bytes")
-            fingerprint = _fingerprint(command)
+            fingerprint = _fingerprint(command) if op in ("put", "delete") else _fingerprint_any(command)
             seen = self._requests.entries.get(request_id)
             if seen is not None:
                 return self._repeat(command, seen, fingerprint)
 
+        batch = _Batch(self, index)
         if op == "put":
-            result, rows = self._put(command)
+            result = self._put(command, batch)
+        elif op == "delete":
+            result = self._delete(command, batch)
+        elif op == "txn":
+            result = self._txn(command, batch)
+        elif op.startswith("member_"):
+            result = self._member_op(op, command, batch)
         else:
-            result, rows = self._delete(command)
+            result = self._lease_op(op, command, batch)
+        rows = batch.finish(result)
         self._commit(index, rows, request_id, fingerprint, result)
+        if batch.events or batch.lease_changes:
+            listener = self.listener
+            if listener is not None:
+                listener(batch.revision if batch.events else self.revision, batch.events, batch.lease_changes)
         return result
 
     def _repeat(self, command: dict, seen: tuple[int, str, dict], fingerprint: str) -> dict:
@@ -378,67 +425,53 @@ class KVStateMachine:
         data = self.engine.get(_CURRENT + enc(key))
         return None if data is None else Record.decode(data)
 
-    def _put(self, command: dict) -> tuple[dict, list]:
+    def _put(self, command: dict, batch: "_Batch") -> dict:
         key = self._check_key(command.get("key"))
-        value = command.get("value")
+        value = self._check_value(command.get("value"))
+        lease = self._check_lease_id(command.get("lease", 0))
+        expected = self._check_compare(command)
+        current = batch.current(key)
+        current_mod = current.mod_revision if current else 0
+        if expected is not None and expected != current_mod:
+            return _error(
+                "precondition_failed",
+                f"the key's mod_revision is {current_mod}, not {expected}",
+                mod_revision=current_mod,
+                revision=self.revision,
+            )
+        old = batch.put(key, value, lease)
+        result = {"revision": batch.revision, "created": old is None, "prev": None}
+        if command.get("prev") and old is not None:
+            result["prev"] = _kv_to_dict(old.to_kv(key))
+        return result
+
+    def _check_value(self, value: Any) -> bytes:
         if not isinstance(value, bytes):
             raise CommandError("invalid_value", "value must be bytes")
         if len(value) > self.limits.max_value_bytes:
             raise CommandError("value_too_large", f"value is over {self.limits.max_value_bytes} bytes")
-        lease = command.get("lease", 0)
-        if not isinstance(lease, int) or isinstance(lease, bool):
-            raise CommandError("invalid_lease", "lease must be an integer")
-        if lease != 0:
-            # Leases come with the next issue; until then no lease exists.
-            raise CommandError("lease_not_found", f"lease {lease} does not exist")
-        expected = self._check_compare(command)
-        current = self._current(key)
-        current_mod = current.mod_revision if current else 0
-        if expected is not None and expected != current_mod:
-            return (
-                _error(
-                    "precondition_failed",
-                    f"the key's mod_revision is {current_mod}, not {expected}",
-                    mod_revision=current_mod,
-                    revision=self.revision,
-                ),
-                [],
-            )
-        revision = self.revision + 1
-        record = Record(
-            create_revision=current.create_revision if current else revision,
-            mod_revision=revision,
-            version=current.version + 1 if current else 1,
-            lease=lease,
-            value=value,
-        )
-        encoded = record.encode()
-        rows = [
-            ("put", _CURRENT + enc(key), encoded),
-            ("put", history_key(key, revision), encoded),
-            ("put", _EVENTS + _U64.pack(revision), _encode_keys([key])),
-        ]
-        result = {"revision": revision, "created": current is None, "prev": None}
-        if command.get("prev") and current is not None:
-            result["prev"] = _kv_to_dict(current.to_kv(key))
-        return result, rows
+        return value
 
-    def _delete(self, command: dict) -> tuple[dict, list]:
+    def _check_lease_id(self, lease: Any) -> int:
+        if not isinstance(lease, int) or isinstance(lease, bool) or lease < 0 or lease >= 2**63:
+            raise CommandError("invalid_lease", "lease must be an integer in [0, 2**63)")
+        if lease != 0 and self.engine.get(_lease_key(lease)) is None:
+            raise CommandError("lease_not_found", f"lease {lease} does not exist")
+        return lease
+
+    def _delete(self, command: dict, batch: "_Batch") -> dict:
         key = self._check_key(command.get("key"))
         end = command.get("end")
         expected = self._check_compare(command)
         if end is None:
-            current = self._current(key)
+            current = batch.current(key)
             if expected is not None and expected != (current.mod_revision if current else 0):
                 current_mod = current.mod_revision if current else 0
-                return (
-                    _error(
-                        "precondition_failed",
-                        f"the key's mod_revision is {current_mod}, not {expected}",
-                        mod_revision=current_mod,
-                        revision=self.revision,
-                    ),
-                    [],
+                return _error(
+                    "precondition_failed",
+                    f"the key's mod_revision is {current_mod}, not {expected}",
+                    mod_revision=current_mod,
+                    revision=self.revision,
                 )
             victims = [(key, current)] if current is not None else []
         else:
@@ -446,35 +479,302 @@ class KVStateMachine:
                 raise CommandError("invalid_range_end", "end must be non-empty bytes")
             if expected is not None:
                 raise CommandError("invalid_if_mod_revision", "if_mod_revision applies to a single key, not a range")
-            victims = []
-            key_bytes = 0
-            for row_key, row in self.engine.scan(*self._current_bounds(key, end)):
-                victims.append((dec(row_key[1:]), Record.decode(row)))
-                key_bytes += len(row_key)
-                if len(victims) > self.limits.max_delete_keys or key_bytes > self.limits.max_delete_key_bytes:
-                    raise CommandError(
-                        "too_many_keys",
-                        f"the range holds more than {self.limits.max_delete_keys} keys; delete it in smaller ranges",
-                    )
-        if not victims:
-            return {"revision": self.revision, "deleted": 0, "prev": []}, []
-        revision = self.revision + 1
-        tombstone = Record(0, revision, 0, 0, None).encode()
-        rows = []
-        for victim, _ in victims:
-            rows.append(("delete", _CURRENT + enc(victim), None))
-            rows.append(("put", history_key(victim, revision), tombstone))
-        rows.append(("put", _EVENTS + _U64.pack(revision), _encode_keys([k for k, _ in victims])))
-        result = {"revision": revision, "deleted": len(victims), "prev": []}
+            victims = batch.range(key, end, self.limits.max_delete_keys)
+        batch.delete(victims)
+        result = {"revision": batch.revision if victims else self.revision, "deleted": len(victims), "prev": []}
         if command.get("prev"):
             result["prev"] = [_kv_to_dict(record.to_kv(k)) for k, record in victims]
-        return result, rows
+        return result
+
+    # --- transactions --------------------------------------------------------------------
+
+    def _txn(self, command: dict, batch: "_Batch") -> dict:
+        """etcd's Txn: compares, then one branch; every write at one revision.
+
+        Ops of the branch see the writes of the ops before them (etcd does the same).
+        """
+        problem = txn_problem(command, self.limits.max_txn_ops)
+        if problem is not None:
+            raise CommandError("invalid_txn", problem)
+        return self._run_txn(command, batch)
+
+    def _run_txn(self, txn: dict, batch: "_Batch") -> dict:
+        succeeded = all(self._holds(c, batch) for c in txn.get("compare") or [])
+        responses = []
+        for op in txn.get("success" if succeeded else "failure") or []:
+            kind = op.get("op")
+            if kind == "get":
+                responses.append(self._txn_get(op, batch))
+            elif kind == "put":
+                response = self._put({**op, "if_mod_revision": None}, batch)
+                responses.append({"op": "put", **response})
+            elif kind == "delete":
+                response = self._delete({**op, "if_mod_revision": None}, batch)
+                responses.append({"op": "delete", **response})
+            elif kind == "txn":
+                responses.append({"op": "txn", **self._run_txn(op, batch)})
+            else:
+                raise CommandError("invalid_txn", f"unknown txn op {kind!r}")
+        return {"succeeded": succeeded, "revision": batch.revision if batch.written else self.revision, "responses": responses}
+
+    def _holds(self, compare: dict, batch: "_Batch") -> bool:
+        key = self._check_key(compare.get("key"))
+        end = compare.get("end")
+        target, op, wanted = compare.get("target"), compare.get("op"), compare.get("value")
+        if target not in _COMPARE_TARGETS or op not in _COMPARE_OPS:
+            raise CommandError("invalid_txn", f"bad compare {target!r} {op!r}")
+        if end is None:
+            records = [batch.current(key)]
+        else:
+            records = [r for _, r in batch.range(key, end, self.limits.max_range_items)] or [None]
+        for record in records:
+            if target == "value":
+                if record is None:
+                    return False
+                actual = record.value or b""
+                if not isinstance(wanted, bytes):
+                    raise CommandError("invalid_txn", "a value compare takes bytes")
+            else:
+                actual = 0 if record is None else getattr(record, target)
+                if not isinstance(wanted, int) or isinstance(wanted, bool):
+                    raise CommandError("invalid_txn", f"a {target} compare takes an integer")
+            if not _COMPARE_OPS[op](actual, wanted):
+                return False
+        return True
+
+    def _txn_get(self, op: dict, batch: "_Batch") -> dict:
+        key = self._check_key(op.get("key"))
+        end = op.get("end")
+        limit = op.get("limit") or self.limits.max_range_items
+        if not isinstance(limit, int) or limit < 0:
+            raise CommandError("invalid_txn", "limit must be a non-negative integer")
+        keys_only, count_only = bool(op.get("keys_only")), bool(op.get("count_only"))
+        revision = op.get("revision") or None
+        if revision is not None:
+            if not isinstance(revision, int) or revision > self.revision:
+                raise CommandError("invalid_revision", f"revision {revision} is in the future; the store is at {self.revision}")
+            if revision < self.compact_revision:
+                raise CommandError("compacted", f"revision {revision} was compacted", compact_revision=self.compact_revision)
+            kvs = self._read_history_range(key, end, revision, None, keys_only or count_only)
+        elif end is None:
+            record = batch.current(key)
+            kvs = [] if record is None else [record.to_kv(key, keys_only or count_only)]
+        else:
+            kvs = [r.to_kv(k, keys_only or count_only) for k, r in batch.range(key, end, self.limits.max_range_items)]
+        count = len(kvs)
+        items = [] if count_only else kvs[:limit]
+        return {"op": "get", "items": [_kv_to_dict(kv) for kv in items], "count": count,
+                "more": not count_only and count > len(items)}  # fmt: skip
+
+    # --- leases --------------------------------------------------------------------------
+
+    def _lease_op(self, op: str, command: dict, batch: "_Batch") -> dict:
+        """Grant, keep alive, revoke, expire. No clock here: the leader decides when a
+        lease is due and proposes `lease_expire` with the lease's `refresh` index it saw;
+        a keepalive applied in between changes that index and the expiry does nothing."""
+        lease_id = command.get("id")
+        if not isinstance(lease_id, int) or isinstance(lease_id, bool) or not 0 < lease_id < 2**63:
+            raise CommandError("invalid_lease", "a lease id is an integer in [1, 2**63)")
+        row = self.engine.get(_lease_key(lease_id))
+        lease = None if row is None else json.loads(row)
+        if op == "lease_grant":
+            ttl = command.get("ttl")
+            if not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= self.limits.max_lease_ttl_s:
+                raise CommandError("invalid_ttl", f"ttl must be 1..{self.limits.max_lease_ttl_s} seconds")
+            if lease is not None:
+                raise CommandError("lease_exists", f"lease {lease_id} already exists", lease_id=lease_id)
+            if self._lease_count() >= self.limits.max_leases:
+                raise CommandError("too_many_leases", f"at most {self.limits.max_leases} leases may exist")
+            lease = {"ttl": ttl, "refresh": batch.index}
+            batch.rows.append(("put", _lease_key(lease_id), json.dumps(lease).encode()))
+            batch.lease_changes.append(("refresh", lease_id, ttl, batch.index))
+            return {"id": lease_id, "ttl": ttl, "revision": self.revision}
+        if lease is None:
+            if op == "lease_expire":
+                return {"revision": self.revision, "expired": False}
+            raise CommandError("lease_not_found", f"lease {lease_id} does not exist")
+        if op == "lease_keepalive":
+            lease["refresh"] = batch.index
+            batch.rows.append(("put", _lease_key(lease_id), json.dumps(lease).encode()))
+            batch.lease_changes.append(("refresh", lease_id, lease["ttl"], batch.index))
+            return {"id": lease_id, "ttl": lease["ttl"], "revision": self.revision}
+        if op == "lease_expire" and command.get("refresh") != lease["refresh"]:
+            return {"revision": self.revision, "expired": False}  # kept alive meanwhile
+        victims = []
+        for key in self.lease_keys(lease_id):
+            record = batch.current(key)
+            if record is not None:
+                victims.append((key, record))
+        batch.delete(victims)
+        batch.rows.append(("delete", _lease_key(lease_id), None))
+        batch.lease_changes.append(("gone", lease_id, 0, batch.index))
+        return {"revision": batch.revision if victims else self.revision, "deleted": len(victims), "expired": True}
+
+    def _lease_count(self) -> int:
+        return sum(1 for _ in self.engine.scan(_LEASES, _LEASES + b"\xff", limit=self.limits.max_leases))
+
+    def lease(self, lease_id: int) -> dict | None:
+        """{"ttl": granted seconds, "refresh": log index of the grant or last keepalive}."""
+        row = self.engine.get(_lease_key(lease_id))
+        return None if row is None else json.loads(row)
+
+    def leases(self) -> list[tuple[int, dict]]:
+        return [(_U64.unpack(k[1:])[0], json.loads(v)) for k, v in self.engine.scan(_LEASES, _LEASES + b"\xff")]
+
+    def lease_keys(self, lease_id: int) -> list[bytes]:
+        prefix = _ATTACHED + _U64.pack(lease_id)
+        return [dec(k[len(prefix):]) for k, _ in self.engine.scan(prefix, prefix + b"\xff" * 2)]
+
+    # --- membership ----------------------------------------------------------------------
+
+    def _member_op(self, op: str, command: dict, batch: "_Batch") -> dict:
+        """Who the members are beyond the cluster file (ids, client URLs, peer addresses):
+        pysyncobj replicates only peer addresses, the API shows ids and URLs. No revision."""
+        member_id = command.get("id")
+        if not isinstance(member_id, str) or not member_id or len(member_id) > 256:
+            raise CommandError("invalid_member_id", "a member id is a non-empty string")
+        if op == "member_add":
+            record = {"client_url": command.get("client_url"), "peer_address": command.get("peer_address"), "removed": False}
+            if not all(isinstance(record[k], str) and record[k] for k in ("client_url", "peer_address")):
+                raise CommandError("invalid_member", "a member needs a client_url and a peer_address")
+        elif op == "member_remove":
+            record = {"client_url": command.get("client_url") or "", "peer_address": command.get("peer_address") or "",
+                      "removed": True}  # fmt: skip
+        else:
+            batch.lease_changes.append(("step_down", member_id, 0, batch.index))
+            return {"revision": self.revision}
+        batch.rows.append(("put", _MEMBERS + member_id.encode(), json.dumps(record).encode()))
+        batch.lease_changes.append(("member", member_id, 0, batch.index))
+        return {"revision": self.revision}
+
+    def members(self) -> dict[str, dict]:
+        """Member id -> {"client_url", "peer_address", "removed"} changed since the cluster file."""
+        return {k[1:].decode(): json.loads(v) for k, v in self.engine.scan(_MEMBERS, _MEMBERS + b"\xff")}
+
+    # --- compaction ----------------------------------------------------------------------
+
+    def _compact(self, command: dict, index: int) -> dict:
+        revision = command.get("revision")
+        if not isinstance(revision, int) or isinstance(revision, bool) or revision < 1:
+            raise CommandError("invalid_revision", "revision must be a positive integer")
+        if revision > self.revision:
+            raise CommandError("invalid_revision", f"revision {revision} is in the future; the store is at {self.revision}",
+                               revision=self.revision)  # fmt: skip
+        if revision <= self.compact_revision:
+            raise CommandError("compacted", f"revision {revision} is already compacted",
+                               compact_revision=self.compact_revision)  # fmt: skip
+        with self.lock:
+            self._sequence += 1
+            try:
+                self.engine.write([("put", _META_KEY, _META.pack(index, self.revision, revision))])
+                self.applied_index = index
+                self.compact_revision = revision
+            finally:
+                self._sequence += 1
+        self._compact_pending = True
+        self._compact_cursor = None
+        if not self._snapshot_pins:
+            self._physical_compact()
+        return {"revision": self.revision, "compact_revision": revision}
+
+    def _physical_compact(self) -> None:
+        """Delete history rows nobody may read any more (below `compact_revision`, except
+        each key's newest version at or below it, unless that is a tombstone) and event
+        rows below it. Not while a snapshot is being written: the snapshot thread reads
+        those rows. Incremental: at most `compact_rows_per_apply` history rows per apply
+        (the tick thread must keep heartbeats going), resumed at the next apply. Physical
+        removal is local; the logical `compact_revision` is what is replicated."""
+        upto = self.compact_revision
+        budget = self.limits.compact_rows_per_apply
+        doomed: list[bytes] = []
+        last_key = None
+        candidate = None  # the newest row <= upto of `last_key`: kept unless a tombstone
+        low = self._compact_cursor or _HISTORY
+        finished = True
+        seen = 0
+        for row_key, data in self.engine.scan(low, _HISTORY + b"\xff"):
+            key, revision = _split_history_key(row_key)
+            if key != last_key:
+                if candidate is not None and Record.decode(candidate[1]).value is None:
+                    doomed.append(candidate[0])
+                if seen >= budget:
+                    self._compact_cursor = row_key
+                    finished = False
+                    candidate = None
+                    break
+                last_key, candidate = key, None
+            seen += 1
+            if revision <= upto:
+                if candidate is not None:
+                    doomed.append(candidate[0])
+                candidate = (row_key, data)
+        if candidate is not None and Record.decode(candidate[1]).value is None:
+            doomed.append(candidate[0])
+        if finished:
+            doomed.extend(k for k, _ in self.engine.scan(_EVENTS, _EVENTS + _U64.pack(upto)))
+            self._compact_cursor = None
+            self._compact_pending = False
+        for start in range(0, len(doomed), 1000):
+            with self.lock:
+                self._sequence += 1
+                try:
+                    self.engine.write([("delete", k, None) for k in doomed[start : start + 1000]])
+                finally:
+                    self._sequence += 1
+        self.compacted_rows += len(doomed)
+
+    def release_snapshot(self) -> None:
+        """The snapshot writer is done with the rows it pinned (any thread)."""
+        with self._pins_lock:
+            self._snapshot_pins = max(0, self._snapshot_pins - 1)
+
+    # --- watches -------------------------------------------------------------------------
+
+    def events(self, start: bytes, end: bytes | None, from_revision: int, max_events: int) -> tuple[list, int]:
+        """Events of keys in [start, end) from `from_revision`, whole revisions only, at
+        most about `max_events`: ([(revision, [WatchEvent])], last revision read, whether
+        that was the newest revision).
+        Raises Compacted when `from_revision` is below the compact revision."""
+        def read(current):
+            if from_revision < self.compact_revision:
+                raise Compacted(f"revision {from_revision} was compacted", compact_revision=self.compact_revision)
+            out, count, last = [], 0, from_revision - 1
+            for row_key, data in self.engine.scan(_EVENTS + _U64.pack(from_revision), _EVENTS + _U64.pack(current + 1)):
+                revision = _U64.unpack(row_key[1:])[0]
+                events = []
+                for key in decode_keys(data):
+                    if not _in_range(key, start, end):
+                        continue
+                    record, prev = self._versions_at(key, revision)
+                    if record is None:
+                        continue
+                    events.append(_event(key, record, revision, prev))
+                if events:
+                    out.append((revision, events))
+                    count += len(events)
+                last = revision
+                if count >= max_events:
+                    return out, last, False
+            return out, current, True
+
+        return self._consistent(read)
+
+    def _versions_at(self, key: bytes, revision: int):
+        low = history_key(key, 0)
+        rows = list(self.engine.scan(low, history_key(key, revision + 1), reverse=True, limit=2))
+        if not rows or _split_history_key(rows[0][0])[1] != revision:
+            return None, None
+        record = Record.decode(rows[0][1])
+        prev = Record.decode(rows[1][1]) if len(rows) > 1 else None
+        if prev is not None and prev.value is None:
+            prev = None
+        return record, prev
 
     def _commit(self, index: int, rows: list, request_id: str | None, fingerprint: str, result: dict) -> None:
         revision = result["revision"] if rows else self.revision
         evicted: list[str] = []
         if request_id is not None:
-            stored = {k: v for k, v in result.items() if k != "prev"}
+            stored = _storable(result)
             rows.append(("put", _DEDUPE + _U64.pack(index), _encode_request(request_id, fingerprint, stored)))
             entries = self._requests.entries
             entries[request_id] = (index, fingerprint, stored)
@@ -641,11 +941,15 @@ class KVStateMachine:
         rows, and it must not run past a snapshot in progress), so another thread can read
         them afterwards while applies go on; the request ids are copied now.
         """
+        with self._pins_lock:
+            self._snapshot_pins += 1
         return SnapshotSource(
             engine=self.engine,
             revision=self.revision,
             compact_revision=self.compact_revision,
             requests=list(self._requests.entries.items()),
+            leases=list(self.engine.scan(_LEASES, _LEASES + b"\xff")) + list(self.engine.scan(_MEMBERS, _MEMBERS + b"\xff")),
+            release=self.release_snapshot,
         )
 
     def install_snapshot(self, index: int, revision: int, compact_revision: int, rows: Iterable[tuple[bytes, bytes]]) -> None:
@@ -674,7 +978,7 @@ class KVStateMachine:
                     elif tag == _DEDUPE:
                         request_id, fingerprint, result = _decode_request(row)
                         requests[request_id] = (_U64.unpack(row_key[1:])[0], fingerprint, result)
-                    elif tag != _EVENTS:
+                    elif tag not in (_EVENTS, _LEASES, _MEMBERS):
                         raise ValueError(f"snapshot row with unknown tag {tag!r}")
                     batch.append(("put", row_key, row))
                     if len(batch) >= 1000:
@@ -682,6 +986,8 @@ class KVStateMachine:
                         batch = []
                 for key, record in latest.items():
                     batch.append(("put", _CURRENT + enc(key), record.encode()))
+                    if record.lease:
+                        batch.append(("put", _attached_key(record.lease, key), b""))
                     if len(batch) >= 1000:
                         self.engine.write(batch)
                         batch = []
@@ -696,9 +1002,14 @@ class KVStateMachine:
                 self.engine.sync()
                 self.applied_index, self.revision, self.compact_revision = index, revision, compact_revision
                 self._requests.entries = requests
+                self._compact_pending = compact_revision > 0
+                self._compact_cursor = None
                 self.failed = None
             finally:
                 self._sequence += 1
+        if self.listener is not None:
+            # Watchers re-read what the snapshot brought from the engine; leases re-arm.
+            self.listener(revision, [], [("installed", "", 0, index)])
 
     def _wipe_except_marker(self) -> None:
         while True:
@@ -736,8 +1047,17 @@ class SnapshotSource:
     revision: int
     compact_revision: int
     requests: list
+    leases: list = dataclasses.field(default_factory=list)
+    release: Any = None
+
+    def done(self) -> None:
+        """The writer finished reading (compaction may delete history rows again)."""
+        release, self.release = self.release, None
+        if release is not None:
+            release()
 
     def rows(self) -> Iterator[tuple[bytes, bytes]]:
+        yield from self.leases
         for row_key, row in self.engine.scan(_HISTORY, _HISTORY + b"\xff"):
             if _U64.unpack(row_key[-8:])[0] <= self.revision:
                 yield row_key, row
@@ -776,3 +1096,223 @@ def _encode_request(request_id: str, fingerprint: str, result: dict) -> bytes:
 def _decode_request(data: bytes) -> tuple[str, str, dict]:
     obj = json.loads(data)
     return obj["id"], obj["fp"], obj["result"]
+
+
+def _lease_key(lease_id: int) -> bytes:
+    return _LEASES + _U64.pack(lease_id)
+
+
+def _attached_key(lease_id: int, key: bytes) -> bytes:
+    return _ATTACHED + _U64.pack(lease_id) + enc(key)
+
+
+def _in_range(key: bytes, start: bytes, end: bytes | None) -> bool:
+    """etcd's [start, end): end None is just `start`, b"\\0" is every key >= start."""
+    if end is None:
+        return key == start
+    if end == b"\x00":
+        return key >= start
+    return start <= key < end
+
+
+def _event(key: bytes, record: "Record", revision: int, prev: "Record | None") -> WatchEvent:
+    if record.value is None:
+        kv = KeyValue(key, None, 0, revision, 0)
+        return WatchEvent("delete", kv, None if prev is None else prev.to_kv(key))
+    return WatchEvent("put", record.to_kv(key), None if prev is None else prev.to_kv(key))
+
+
+class _Batch:
+    """The rows, events and lease changes of one command, all at one new revision.
+
+    Reads through it see the command's own earlier writes (a txn's later ops see its
+    earlier ones), so one txn is one engine batch, one revision, one event row.
+    """
+
+    def __init__(self, sm: "KVStateMachine", index: int) -> None:
+        self.sm = sm
+        self.index = index
+        self.revision = sm.revision + 1
+        self.rows: list = []
+        self.overlay: dict[bytes, Record | None] = {}
+        self.changed: list[bytes] = []
+        self.events: list[WatchEvent] = []
+        self.lease_changes: list[tuple] = []
+
+    @property
+    def written(self) -> bool:
+        return bool(self.changed)
+
+    def current(self, key: bytes) -> "Record | None":
+        if key in self.overlay:
+            return self.overlay[key]
+        return self.sm._current(key)
+
+    def range(self, start: bytes, end: bytes, cap: int) -> list[tuple[bytes, "Record"]]:
+        found: dict[bytes, Record] = {}
+        key_bytes = 0
+        for row_key, row in self.sm.engine.scan(*self.sm._current_bounds(start, end)):
+            key = dec(row_key[1:])
+            if key not in self.overlay:
+                found[key] = Record.decode(row)
+                key_bytes += len(row_key)
+                if len(found) > cap or key_bytes > self.sm.limits.max_delete_key_bytes:
+                    raise CommandError(
+                        "too_many_keys", f"the range holds more than {cap} keys; use smaller ranges"
+                    )
+        for key, record in self.overlay.items():
+            if record is not None and _in_range(key, start, end):
+                found[key] = record
+        return sorted(found.items())
+
+    def put(self, key: bytes, value: bytes, lease: int) -> "Record | None":
+        old = self.current(key)
+        revision = self.revision
+        record = Record(
+            create_revision=old.create_revision if old else revision,
+            mod_revision=revision,
+            version=old.version + 1 if old else 1,
+            lease=lease,
+            value=value,
+        )
+        if old is not None and old.lease and old.lease != lease:
+            self.rows.append(("delete", _attached_key(old.lease, key), None))
+        if lease:
+            self.rows.append(("put", _attached_key(lease, key), b""))
+        encoded = record.encode()
+        self.rows.append(("put", _CURRENT + enc(key), encoded))
+        self.rows.append(("put", history_key(key, revision), encoded))
+        self.overlay[key] = record
+        self.changed.append(key)
+        self.events.append(WatchEvent("put", record.to_kv(key), None if old is None else old.to_kv(key)))
+        return old
+
+    def delete(self, victims: list[tuple[bytes, "Record"]]) -> None:
+        if not victims:
+            return
+        tombstone = Record(0, self.revision, 0, 0, None).encode()
+        for key, old in victims:
+            self.rows.append(("delete", _CURRENT + enc(key), None))
+            self.rows.append(("put", history_key(key, self.revision), tombstone))
+            if old.lease:
+                self.rows.append(("delete", _attached_key(old.lease, key), None))
+            self.overlay[key] = None
+            self.changed.append(key)
+            self.events.append(WatchEvent("delete", KeyValue(key, None, 0, self.revision, 0), old.to_kv(key)))
+
+    def finish(self, result: dict) -> list:
+        if "error" in result:
+            return []
+        if self.changed:
+            self.rows.append(("put", _EVENTS + _U64.pack(self.revision), _encode_keys(self.changed)))
+        else:
+            self.revision = self.sm.revision
+        return self.rows
+
+
+def txn_problem(txn: dict, max_ops: int = 128) -> str | None:
+    """Why a txn must be refused before anything applies (etcd's rules), or None:
+    too many ops, an unknown op, or a key written twice in one branch (a put and a
+    delete covering it count, nested txns included).
+
+        >>> txn_problem({"compare": [], "success": [{"op": "put", "key": b"a", "value": b"1"},
+        ...                                        {"op": "put", "key": b"a", "value": b"2"}]})
+        'duplicate key given in txn request'
+    """
+    try:
+        _branch_check(txn, max_ops)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _branch_check(txn: dict, max_ops: int) -> None:
+    for name in ("compare", "success", "failure"):
+        ops = txn.get(name) or []
+        if not isinstance(ops, list):
+            raise ValueError(f"{name} must be a list")
+        if len(ops) > max_ops:
+            raise ValueError(f"a txn has at most {max_ops} ops per list; {name} has {len(ops)}")
+    for branch in ("success", "failure"):
+        _branch_writes(txn.get(branch) or [], max_ops)
+
+
+def _branch_writes(ops: list, max_ops: int) -> tuple[set, list]:
+    puts: set = set()
+    deletes: list = []
+    for op in ops:
+        if not isinstance(op, dict):
+            raise ValueError("a txn op is a dict")
+        kind = op.get("op")
+        if kind == "put":
+            if op.get("key") in puts:
+                raise ValueError("duplicate key given in txn request")
+            puts.add(op.get("key"))
+        elif kind == "delete":
+            deletes.append((op.get("key"), op.get("end")))
+        elif kind == "txn":
+            _branch_check(op, max_ops)
+            for branch in ("success", "failure"):
+                nested_puts, nested_deletes = _branch_writes(op.get(branch) or [], max_ops)
+                if nested_puts & puts:
+                    raise ValueError("duplicate key given in txn request")
+                puts |= nested_puts
+                deletes += nested_deletes
+        elif kind != "get":
+            raise ValueError(f"unknown txn op {kind!r}")
+    for key in puts:
+        if any(isinstance(key, bytes) and isinstance(s, bytes) and _in_range(key, s, e) for s, e in deletes):
+            raise ValueError("duplicate key given in txn request")
+    return puts, deletes
+
+
+def make_txn(compare: list, success: list, failure: list, *, request_id: str | None = None) -> dict:
+    return {"v": COMMAND_VERSION, "op": "txn", "compare": compare, "success": success, "failure": failure,
+            "request_id": request_id}  # fmt: skip
+
+
+def make_lease(op: str, lease_id: int, *, ttl: int | None = None, refresh: int | None = None,
+               request_id: str | None = None) -> dict:  # fmt: skip
+    command = {"v": COMMAND_VERSION, "op": op, "id": lease_id, "request_id": request_id}
+    if ttl is not None:
+        command["ttl"] = ttl
+    if refresh is not None:
+        command["refresh"] = refresh
+    return command
+
+
+def make_compact(revision: int) -> dict:
+    return {"v": COMMAND_VERSION, "op": "compact", "revision": revision}
+
+
+def _fingerprint_any(command: dict) -> str:
+    """A request's identity for the ops added after `_fingerprint` (whose output is
+    persisted and so must not change): everything but the request id."""
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(repr(sorted((k, v) for k, v in command.items() if k != "request_id")).encode())
+    return digest.hexdigest()
+
+
+def _storable(result: dict) -> dict:
+    """What a request-id row keeps of a result: JSON-able and small (no values)."""
+    stored = {}
+    for name, value in result.items():
+        if name == "prev":
+            continue
+        if name == "responses":
+            value = [_storable_response(r) for r in value]
+        if name == "items":
+            value = []
+        stored[name] = value
+    return stored
+
+
+def _storable_response(response: dict) -> dict:
+    out = _storable(response)
+    if response.get("op") == "get":
+        out["omitted"] = True  # a retried txn answers its reads empty (documented)
+    return out
+
+
+def make_member(op: str, member_id: str, *, client_url: str = "", peer_address: str = "") -> dict:
+    return {"v": COMMAND_VERSION, "op": op, "id": member_id, "client_url": client_url, "peer_address": peer_address}

@@ -81,3 +81,46 @@ class FailureDetector:
         for state in self._peers.values():
             assert state.status in (ALIVE, SUSPECT, DOWN)
             assert (state.status == ALIVE) == (state.failures == 0)
+
+
+class CombinedDetector:
+    """The request-failure detector above, joined with gossip's heartbeat view: a peer is
+    alive only when both say so, suspect or down when either does (the worse one wins).
+    Same interface as `FailureDetector`, so the coordinator does not know the difference.
+
+        >>> fd = FailureDetector(["n1", "n2"], "n1")
+        >>> both = CombinedDetector(fd, lambda node: "suspect" if node == "n2" else "alive")
+        >>> both.status("n2"), sorted(both.up())
+        ('suspect', ['n1'])
+    """
+
+    _RANK = {ALIVE: 0, SUSPECT: 1, DOWN: 2}
+
+    def __init__(self, requests: FailureDetector, gossip_status):
+        self.requests = requests
+        self.gossip_status = gossip_status
+        self.self_id = requests.self_id
+
+    def status(self, node: str) -> str:
+        if node == self.self_id:
+            return ALIVE
+        a, b = self.requests.status(node), self.gossip_status(node)
+        return a if self._RANK[a] >= self._RANK[b] else b
+
+    def up(self) -> set[str]:
+        return {self.self_id} | {n for n in self.requests._peers if self.status(n) == ALIVE}
+
+    def record_success(self, node: str, now: float) -> bool:
+        return self.requests.record_success(node, now)
+
+    def record_failure(self, node: str, now: float) -> None:
+        self.requests.record_failure(node, now)
+
+    def due_probes(self, now: float) -> list[str]:
+        return self.requests.due_probes(now)
+
+    def set_members(self, nodes) -> None:
+        self.requests.set_members(nodes)
+
+    def _check(self) -> None:
+        self.requests._check()

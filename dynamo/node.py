@@ -91,6 +91,9 @@ class Replica:
         self.limits = limits
         self.offload = offload
         self.hints = HintLog(engine, hint_policy)
+        # Called as on_change(key, object or None) after every engine write of a key's
+        # data, in the event loop (anti-entropy keeps its Merkle trees up to date with it).
+        self.on_change = None
         self._locks: dict[bytes, asyncio.Lock] = {}
         self._lock_users: dict[bytes, int] = {}
         # A fresh actor at every start: with sync "never" or "batch" a crash may have lost
@@ -156,6 +159,11 @@ class Replica:
             size += len(raw_key) + len(raw_value)
         return items, False
 
+    def items(self):
+        """Every (key, object) stored here, in key order (anti-entropy rebuilds from it)."""
+        for raw_key, raw_value in self.engine.scan(DATA_PREFIX, _prefix_end(DATA_PREFIX)):
+            yield raw_key[len(DATA_PREFIX) :], versions.decode_object(raw_value)
+
     def keys(self):
         """Every key stored here (for rebalancing); a generator over the engine scan."""
         for raw_key, _ in self.engine.scan(DATA_PREFIX, _prefix_end(DATA_PREFIX)):
@@ -199,6 +207,8 @@ class Replica:
         if hint_for is not None and hint_for != self.node_id:
             batch += self.hints.record(hint_for, key, len(raw), now)  # may raise HintsFull
         await self._write(batch)
+        if self.on_change is not None:
+            self.on_change(key, obj)
 
     async def drop_if_unowned(self, key: bytes, still_owner: bool) -> bool:
         """Delete the local copy of a key this node no longer needs (handed off, not a
@@ -211,6 +221,8 @@ class Replica:
             if local.clock.get(self.actor):
                 self.new_epoch()
             await self._write([("delete", data_key(key), None)])
+            if self.on_change is not None:
+                self.on_change(key, None)
             return True
 
     def _check(self) -> None:

@@ -30,9 +30,11 @@ from api.service import APRead, InvalidRequest, Member, NodeConfig, NotFound, Un
 from engines import open_engine
 
 from . import versions
+from .antientropy import INTERVAL_ENV, AntiEntropy, AntiEntropyOptions, TreeSet
 from .coordinator import Coordinator, CoordinatorLimits
 from .hints import HintPolicy, HintsFull
-from .membership import FailureDetector
+from .gossip import GossipPolicy, GossipState
+from .membership import CombinedDetector, FailureDetector
 from .node import Replica, ReplicaLimits, TooManySiblings
 from .ring import Ring
 from .transport import HttpTransport, PeerServer, PeerUnreachable, RemoteError, Transport, b64, unb64
@@ -52,6 +54,8 @@ class APOptions:
     handoff_interval_s: float = 0.5  # how often pending hints are looked at
     hint_expiry_interval_s: float = 60.0
     max_range_limit: int = 10_000  # keys one coverage read returns at most
+    anti_entropy: AntiEntropyOptions = AntiEntropyOptions()
+    gossip: GossipPolicy = GossipPolicy()
 
 
 # Joining through another node (NodeConfig.join): attempts and the pause between them.
@@ -60,6 +64,20 @@ JOIN_RETRY_S = 0.5
 
 
 def create_service(config: NodeConfig, **kwargs) -> "DynamoService":
+    """Build the ap service. The environment variable `CAPKV_AAE_INTERVAL_S` sets the
+    anti-entropy period in seconds (e.g. "1" in tests), or turns it off ("off"): there is
+    no serve flag for it."""
+    env = os.environ.get(INTERVAL_ENV)
+    if env:
+        options = kwargs.get("options", APOptions())
+        if env.strip().lower() in ("off", "0", "false", "no"):
+            aae = dataclasses.replace(options.anti_entropy, enabled=False)
+        else:
+            try:
+                aae = dataclasses.replace(options.anti_entropy, interval_s=float(env))
+            except ValueError:
+                raise ValueError(f"{INTERVAL_ENV} must be a positive number of seconds or 'off', not {env!r}") from None
+        kwargs["options"] = dataclasses.replace(options, anti_entropy=aae)
     return DynamoService(config, **kwargs)
 
 
@@ -108,12 +126,23 @@ class DynamoService:
         self._server: PeerServer | None = None
         self._loops: list[asyncio.Task] = []
         self._metrics: dict[str, float] = {}
-        self.detector = FailureDetector(
+        self.gossip: GossipState | None = None  # made at start (it needs the loop's clock)
+        self.request_detector = FailureDetector(
             self.members, self.node_id, down_after=options.down_after, probe_interval_s=options.probe_interval_s
         )
+        self.detector = CombinedDetector(self.request_detector, self._gossip_status)
+        self._gossip_calls: dict[str, asyncio.Task] = {}
+        aae = options.anti_entropy
+        self.trees = TreeSet(self.node_id, config.replicas, branching=aae.branching, depth=aae.depth)
+        self.aae: AntiEntropy | None = None
         self.started = False
 
     # --- lifecycle -------------------------------------------------------------------------
+    def _gossip_status(self, node: str) -> str:
+        if self.gossip is None:
+            return "alive"
+        return self.gossip.status(node, asyncio.get_running_loop().time())
+
     def _addresses(self) -> dict[str, str]:
         addresses = {m.id: m.peer_address for m in self.members.values()}
         addresses.update(dict(self.config.peer_routes))
@@ -138,6 +167,18 @@ class DynamoService:
             limits=self.options.replica,
             offload=config.engine != "memory",
         )
+        loop = asyncio.get_running_loop()
+        # A restart must out-number every earlier life of this node: milliseconds of wall time.
+        self.gossip = GossipState(
+            self.node_id,
+            [dataclasses.asdict(m) for m in self.members.values()],
+            now=loop.time(),
+            incarnation=int(self.wall_clock() * 1000),
+            policy=self.options.gossip,
+        )
+        # Trees from the engine's content, before anyone can write (see TreeSet).
+        self.trees.rebuild(self._ring, self.replica.items())
+        self.replica.on_change = self.trees.update
         if self._external_transport is None:
             self.transport = HttpTransport(self._addresses(), config.secret)
             host, _, port = self.members[self.node_id].peer_address.rpartition(":")
@@ -157,7 +198,25 @@ class DynamoService:
             limits=self.options.coordinator,
             metrics=self._metrics,
         )
-        self._loops = [asyncio.ensure_future(self._probe_loop()), asyncio.ensure_future(self._handoff_loop())]
+        self.aae = AntiEntropy(
+            self.node_id,
+            replica=self.replica,
+            trees=self.trees,
+            call=self.coordinator.call,
+            is_alive=lambda node: self.detector.status(node) == "alive",
+            wall_clock=self.wall_clock,
+            rng=random.Random(self.rng.getrandbits(64)),
+            options=self.options.anti_entropy,
+            metrics=self._metrics,
+            peer_timeout_s=self.options.coordinator.peer_timeout_s,
+        )
+        self._loops = [
+            asyncio.ensure_future(self._probe_loop()),
+            asyncio.ensure_future(self._handoff_loop()),
+            asyncio.ensure_future(self._gossip_loop()),
+        ]
+        if self.options.anti_entropy.enabled:
+            self._loops.append(asyncio.ensure_future(self.aae.loop()))
         if config.join:
             self._loops.append(asyncio.ensure_future(self._join(config.join)))
         self.started = True
@@ -166,9 +225,10 @@ class DynamoService:
         if not self.started:
             return
         self.started = False
-        for task in self._loops:
+        for task in self._loops + list(self._gossip_calls.values()):
             task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await asyncio.gather(*self._loops, *self._gossip_calls.values(), return_exceptions=True)
+        self._gossip_calls.clear()
         await self.coordinator.close()
         if self._server is not None:
             await self._server.stop()
@@ -223,8 +283,17 @@ class DynamoService:
                 return {"items": [[b64(k), b64(versions.encode_object(o))] for k, o in items], "more": more}
             if method == "ping":
                 return {"node": self.node_id, "actor": replica.actor}
+            if method.startswith("aae_") or method in ("fetch_many", "store_many"):
+                return await self.aae.handle(method, payload)
+            if method == "gossip":
+                await self._merge_gossip(payload)
+                return self.gossip.digest()
             if method == "members":
-                await self._apply_members([Member(**m) for m in payload["members"]])
+                version = payload.get("ring_version")
+                if version is None:  # from a node without gossip: take the list as it is
+                    await self._apply_members([Member(**m) for m in payload["members"]])
+                else:
+                    await self._merge_gossip({"ring": {"version": version, "members": payload["members"]}, "nodes": {}})
                 return {"ok": True}
         except TooManySiblings as exc:
             raise RemoteError("too_many_siblings", str(exc)) from None
@@ -355,13 +424,21 @@ class DynamoService:
                     "client_url": m.client_url,
                     "peer_url": f"http://{m.peer_address}",
                     "status": self.detector.status(m.id),
+                    "incarnation": self.gossip.heard[m.id].incarnation if self.gossip and m.id in self.gossip.heard else None,
+                    "heartbeat": self.gossip.heard[m.id].heartbeat if self.gossip and m.id in self.gossip.heard else None,
                     "tokens": self._ring.vnodes,
                     "ownership": round(ownership.get(m.id, 0.0), 6),
                 }
                 for m in sorted(self.members.values(), key=lambda m: m.id)
             ],
             "hints_pending": self.replica.hints.count if self.replica else 0,
-            "anti_entropy": {"enabled": False, "note": "Merkle anti-entropy is not implemented yet; read repair and hinted handoff only"},
+            "gossip": {
+                "ring_version": self.gossip.ring_version if self.gossip else 0,
+                "interval_s": self.options.gossip.interval_s,
+                "rounds": int(self._metrics.get("gossip_rounds", 0)),
+                "refutations": self.gossip.refutations if self.gossip else 0,
+            },
+            "anti_entropy": self.aae.status() if self.aae else {"enabled": False},
         }
 
     def health(self) -> tuple[bool, str]:
@@ -397,6 +474,19 @@ class DynamoService:
             "ap_handoff_deleted_total": m.get("handoff_deleted", 0),
             "ap_actor_epochs_total": self.replica.epochs_started if self.replica else 0,
             "ap_peers_alive": len(self.detector.up()),
+            "ap_gossip_rounds_total": m.get("gossip_rounds", 0),
+            "ap_gossip_refutations_total": self.gossip.refutations if self.gossip else 0,
+            "ap_gossip_ring_version": self.gossip.ring_version if self.gossip else 0,
+            "ap_members_suspect": sum(1 for n in self.members if self.detector.status(n) == "suspect"),
+            "ap_members_down": sum(1 for n in self.members if self.detector.status(n) == "down"),
+            "ap_aae_exchanges_total": m.get("aae_exchanges", 0),
+            "ap_aae_exchanges_failed_total": m.get("aae_exchanges_failed", 0),
+            "ap_aae_segments_differing_total": m.get("aae_segments_differing", 0),
+            "ap_aae_keys_repaired_total": m.get("aae_keys_repaired", 0),
+            "ap_aae_last_full_pass_timestamp_seconds": (self.aae.last_full_pass or 0) if self.aae else 0,
+            "ap_aae_trees": len(self.trees.trees),
+            "ap_aae_tree_keys": self.trees.keys,
+            "ap_aae_tree_rebuilds_total": self.trees.rebuilds,
         }
         return out
 
@@ -416,9 +506,13 @@ class DynamoService:
 
     async def _change_members(self, members: list[Member]) -> dict:
         self._ready()
-        payload = {"members": [dataclasses.asdict(m) for m in members]}
+        self.gossip.change_members([dataclasses.asdict(m) for m in members], asyncio.get_running_loop().time())
+        payload = {"members": [dataclasses.asdict(m) for m in members], "ring_version": self.gossip.ring_version}
         targets = sorted({m.id for m in members} | set(self.members))
+        old_addresses = self._addresses()
         await self._apply_members(members)
+        if isinstance(self.transport, HttpTransport):  # so a removed node can still be told
+            self.transport.addresses = {**old_addresses, **self._addresses()}
         told, missed = [self.node_id], []
         for node in targets:
             if node == self.node_id:
@@ -430,6 +524,11 @@ class DynamoService:
                 missed.append(node)
         return {"members": sorted(m.id for m in members), "told": sorted(told), "not_told": missed}
 
+    async def _merge_gossip(self, digest: dict) -> None:
+        if self.gossip.merge(digest, asyncio.get_running_loop().time()):
+            self._count("gossip_ring_changes")
+            await self._apply_members([Member(**m) for m in self.gossip.members.values()])
+
     async def _apply_members(self, members: list[Member]) -> None:
         new = {m.id: m for m in members}
         if set(new) == set(self.members):
@@ -437,6 +536,8 @@ class DynamoService:
         self.members = new
         self._ring = Ring(new, self.config.vnodes)
         self.detector.set_members(new)
+        if self.replica is not None:
+            self.trees.rebuild(self._ring, self.replica.items())
         if isinstance(self.transport, HttpTransport):
             self.transport.addresses = self._addresses()
         self.coordinator._spawn(self._rebalance())
@@ -495,6 +596,33 @@ class DynamoService:
                 deadline = loop.time() + self.options.coordinator.peer_timeout_s
                 await asyncio.gather(*(self.coordinator.call(node, "ping", {}, deadline) for node in due), return_exceptions=True)
                 # A failed probe re-arms the peer's next probe (record_failure).
+
+    async def _gossip_loop(self) -> None:
+        """Every round: our heartbeat up, mark who we suspect, swap views with `fanout`
+        random members. A call still running from an earlier round is not doubled, so at
+        most one call per peer is outstanding and a paused peer never delays a round."""
+        loop = asyncio.get_running_loop()
+        policy = self.options.gossip
+        while True:
+            await asyncio.sleep(policy.interval_s * self.rng.uniform(0.8, 1.2))
+            now = loop.time()
+            self.gossip.tick(now)
+            self.gossip.mark_suspects(now)
+            self._count("gossip_rounds")
+            for peer in self.gossip.pick_peers(self.rng):
+                if peer in self._gossip_calls:
+                    continue
+                task = asyncio.ensure_future(self._gossip_with(peer))
+                self._gossip_calls[peer] = task
+                task.add_done_callback(lambda _, peer=peer: self._gossip_calls.pop(peer, None))
+
+    async def _gossip_with(self, peer: str) -> None:
+        deadline = asyncio.get_running_loop().time() + self.options.coordinator.peer_timeout_s
+        try:
+            reply = await self.coordinator.call(peer, "gossip", self.gossip.digest(), deadline)
+            await self._merge_gossip(reply)
+        except (PeerUnreachable, RemoteError, KeyError, TypeError, ValueError):
+            self._count("gossip_failures")
 
     async def _handoff_loop(self) -> None:
         loop = asyncio.get_running_loop()

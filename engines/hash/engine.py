@@ -32,7 +32,9 @@ changed, O(log N + items) when none did; `stats()` counts `scan_sorts` and
 
 Threads: one lock (`_lock`) serialises appends and keydir changes; gets take no lock (a
 dict lookup is atomic under the GIL) and retry when a merge retired the file they read.
-Group commit (base.GroupCommit) shares fsyncs among `sync="always"` writers.
+Group commit shares fsyncs among `sync="always"` writers (`_GroupCommit`: base.GroupCommit
+crediting each fsync with everything it flushed). A merge never holds the write lock for
+longer than a buffer flush (see `merge()`); one engine per directory (a flock on `LOCK`).
 """
 from __future__ import annotations
 

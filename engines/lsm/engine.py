@@ -141,7 +141,7 @@ class LSMOptions:
 class _Version:
     """One consistent view of the store; never mutated once published."""
 
-    __slots__ = ("mem", "imms", "levels", "deep")
+    __slots__ = ("mem", "imms", "levels", "deep", "runs", "run_entries")
 
     def __init__(self, mem: Memtable, imms: tuple, levels: tuple) -> None:
         self.mem = mem
@@ -149,6 +149,10 @@ class _Version:
         self.levels = levels  # levels[0] newest first; deeper levels sorted by key
         # For gets: (tables, their largest keys) of each non-empty level >= 1.
         self.deep = tuple((tables, [t.largest for t in tables]) for tables in levels[1:] if tables)
+        # For scans: the sorted runs of tables (each level-0 table, each deeper level), and
+        # how many entries each holds.
+        self.runs = [(t,) for t in levels[0]] + [tables for tables, _ in self.deep]
+        self.run_entries = [sum(t.entries for t in run) for run in self.runs]
 
 
 class _Cancelled(Exception):
@@ -377,8 +381,8 @@ class LSMEngine:
         # (sources are sampled uniformly, roughly): one merge step then usually serves it,
         # without merging N times more entries than it returns.
         memtables = (version.mem,) + version.imms
-        runs = [(t,) for t in version.levels[0]] + [tables for tables, _ in version.deep]
-        sizes = [len(m) for m in memtables] + [sum(t.entries for t in run) for run in runs]
+        runs = version.runs
+        sizes = [len(m) for m in memtables] + version.run_entries
         total = sum(sizes) or 1
         wanted = 256 if limit is None else min(limit + 1, 1024)
         chunks = [max(16, wanted * size * 5 // (4 * total)) for size in sizes]
@@ -650,6 +654,26 @@ class LSMEngine:
                     self._run_compaction(plan)
                 except _Cancelled:
                     raise EngineClosed("lsm engine was closed during compact()") from None
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Wait until no frozen memtable waits for its flush and no compaction is due or
+        running (tests and benchmarks, to measure a settled tree). False on timeout."""
+        opts = self.lsm_options
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._closed:
+                raise EngineClosed("lsm engine is closed")
+            if self._background_error is not None:
+                self._raise_background_error()
+            version = self._version
+            due = opts.background_compaction and pick_compaction(
+                version.levels, l0_compaction_trigger=opts.l0_compaction_trigger,
+                level1_max_bytes=opts.level1_max_bytes, multiplier=opts.level_multiplier,
+                pointers=dict(self._pointers)) is not None
+            if not version.imms and not due and not self._compaction_lock.locked():
+                return True
+            time.sleep(0.01)
+        return False
 
     def _compaction_loop(self) -> None:
         opts = self.lsm_options

@@ -35,6 +35,7 @@ OP_DELETE = 1
 _KINDS = {"put": OP_PUT, "delete": OP_DELETE}
 
 _crc32 = zlib.crc32
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 _pack_record = _RECORD.pack
 _pack_op = _OP.pack
 
@@ -228,13 +229,14 @@ class WalWriter:
 
     def fsync(self) -> None:
         if not self.closed:
-            os.fsync(self._fd)
+            # fdatasync: the data and the file size (appends change it), not the mtime.
+            _datasync(self._fd)
 
     def close(self, *, sync: bool) -> None:
         if self.closed:
             return
         self.flush_buffer()
         if sync:
-            os.fsync(self._fd)
+            _datasync(self._fd)
         os.close(self._fd)
         self.closed = True

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import itertools
 
-from tests.checkers import ap_checker
-from tests.checkers.history import Op
+from clusters.checkers import ap_checker
+from clusters.checkers.history import Op
 
 _ids = itertools.count()
 

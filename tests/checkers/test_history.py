@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from tests.checkers.history import HistoryFormatError, HistoryFull, HistoryRecorder, Op, load, parse_lines, save
+from clusters.checkers.history import HistoryFormatError, HistoryFull, HistoryRecorder, Op, load, parse_lines, save
 
 
 class FakeClock:

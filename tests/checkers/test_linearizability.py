@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.checkers.history import Op
-from tests.checkers.linearizability import (
+from clusters.checkers.history import Op
+from clusters.checkers.linearizability import (
     LINEARIZABLE,
     NOT_LINEARIZABLE,
     UNKNOWN,
@@ -392,7 +392,7 @@ def test_the_search_agrees_with_brute_force(ops):
 @settings(max_examples=100, deadline=None)
 @given(random_histories())
 def test_the_entry_list_is_whole_again_after_a_search(ops):
-    from tests.checkers.linearizability import _Search, _deadlines, _relevant
+    from clusters.checkers.linearizability import _Search, _deadlines, _relevant
 
     placed = _relevant(ops)
     search = _Search("k", placed, _deadlines(placed, None), None, 10_000)
@@ -409,8 +409,8 @@ def test_the_entry_list_is_whole_again_after_a_search(ops):
 
 
 def test_command_line_prints_the_verdict(tmp_path, capsys):
-    from tests.checkers.history import save
-    from tests.checkers.linearizability import main
+    from clusters.checkers.history import save
+    from clusters.checkers.linearizability import main
 
     good = save(history((1, "write", "a", 0, 1), (2, "read", "a", 2, 3)), tmp_path / "good.jsonl")
     bad = save(history((1, "write", "a", 0, 1), (2, "read", None, 2, 3)), tmp_path / "bad.jsonl")

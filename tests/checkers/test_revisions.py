@@ -1,9 +1,9 @@
 """Global revision checks: each catches a history that per-key linearizability accepts."""
 from __future__ import annotations
 
-from tests.checkers.history import Op
-from tests.checkers.linearizability import LINEARIZABLE, check
-from tests.checkers.revisions import (
+from clusters.checkers.history import Op
+from clusters.checkers.linearizability import LINEARIZABLE, check
+from clusters.checkers.revisions import (
     check_realtime_order,
     check_revisions,
     check_unique_write_revisions,

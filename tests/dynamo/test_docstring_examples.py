@@ -5,12 +5,12 @@ import random
 
 import pytest
 
-from dynamo import hints, membership, node, quorum, ring, vclock, versions
+from dynamo import gossip, hints, membership, merkle, node, quorum, ring, vclock, versions
 from dynamo.vclock import VClock
 from engines import open_engine
 
 
-@pytest.mark.parametrize("module", [vclock, versions, ring, quorum, membership, hints, node], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [vclock, versions, ring, quorum, membership, hints, node, merkle, gossip], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     extra = {"open_engine": open_engine, "asyncio": asyncio, "random": random, "VClock": VClock}
     result = doctest.testmod(module, extraglobs=extra, optionflags=doctest.ELLIPSIS)

@@ -121,12 +121,7 @@ def test_background_compaction_bounds_level_zero_and_keeps_levels_sorted(path, p
         engine.put(key, value)
         model[key] = value
     engine.flush()
-    # let the compaction thread catch up: the level-0 table count must come down
-    for _ in range(200):
-        stats = engine.stats()
-        if stats["tables_per_level"][0] < SMALL["l0_compaction_trigger"]:
-            break
-        threading.Event().wait(0.02)
+    assert engine.wait_idle(timeout=60), "background compaction never caught up"
     stats = engine.stats()
     assert stats["compactions"] > 0
     assert stats["tables_per_level"][0] < SMALL["l0_compaction_trigger"]
@@ -137,28 +132,32 @@ def test_background_compaction_bounds_level_zero_and_keeps_levels_sorted(path, p
 
 
 def test_tombstone_is_kept_while_an_older_version_sits_below(path):
-    """A delete compacted into level 1 must keep hiding the value still in level 2."""
+    """A delete merged into level 1 must keep hiding the value still in level 2."""
+    from engines.lsm.compaction import plan_for
+
     engine = LSMEngine(path, **SMALL, background_compaction=False)
     engine.put(b"victim", b"old")
     for i in range(300):
         engine.put(b"pad-%04d" % i, b"x" * 40)
-    engine.compact()  # victim now at the bottom
-    deepest = max(i for i, n in enumerate(engine.stats()["tables_per_level"]) if n)
+    engine.compact()  # everything in level 1
+    levels = engine._version.levels
+    engine._run_compaction(plan_for(levels, 1, list(levels[1])))  # level 1 -> level 2
+    assert engine.stats()["tables_per_level"][1:3] == [0, len(levels[1])]
     engine.delete(b"victim")
     engine.flush()
-    # merge level 0 into level 1 only (not the bottom): the tombstone must survive there
-    from engines.lsm.compaction import plan_for
-
-    version = engine._version
-    if deepest > 1:
-        plan = plan_for(version.levels, 0, list(version.levels[0]))
-        assert not plan.drop_tombstones
-        engine._run_compaction(plan)
-        assert engine.stats()["table_tombstones"] == 1
+    levels = engine._version.levels
+    plan = plan_for(levels, 0, list(levels[0]))  # level 0 -> level 1, above the old value
+    assert plan.output_level == 1 and not plan.drop_tombstones
+    engine._run_compaction(plan)
+    assert engine.stats()["tables_per_level"][:2] == [0, 1]
+    assert engine.stats()["table_tombstones"] == 1, "the tombstone was dropped with an older value below"
     assert engine.get(b"victim") is None
-    engine.compact()
+    assert b"victim" not in dict(engine.scan())
+    engine._check()
+    engine.compact()  # now one run at the bottom: the tombstone and the old value both go
     assert engine.get(b"victim") is None
     assert engine.stats()["table_tombstones"] == 0
+    assert engine.stats()["table_entries"] == 300
     engine._check()
     engine.close()
 
@@ -568,8 +567,10 @@ def test_block_codec_tells_tombstones_from_empty_values():
 
 def test_sync_always_shares_fsyncs_between_threads(path):
     engine = LSMEngine(path, sync="always")
+    start = threading.Barrier(8)
 
     def write(t):
+        start.wait()
         for i in range(50):
             engine.put(b"t%d-%03d" % (t, i), b"v")
 

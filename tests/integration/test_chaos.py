@@ -13,7 +13,7 @@ import re
 import pytest
 
 from clusters import chaos
-from tests.checkers import history
+from clusters.checkers import history
 from tests.integration.conftest import require_service
 
 SHORT_SECONDS = 25
@@ -65,7 +65,7 @@ def test_a_short_run_keeps_the_promise(tmp_path, mode):
 def _the_ap_check_would_see_a_lost_write(tmp_path, ops):
     """The recorded history and final state are rich enough to fail: drop the value an
     acknowledged write left behind, and the checker reports it lost."""
-    from tests.checkers import ap_checker
+    from clusters.checkers import ap_checker
 
     saved = json.loads((tmp_path / "run" / "final.json").read_text())
     final = saved["final"]

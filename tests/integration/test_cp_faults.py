@@ -26,7 +26,7 @@ import uuid
 
 import pytest
 
-from tests.integration.workload import (
+from clusters.workload import (
     NodeClient,
     RequestFailed,
     RequestLost,

@@ -4,12 +4,12 @@ Several clients read, write and compare-and-swap a few keys through random nodes
 leader is SIGKILLed and restarted, a node (the leader, in one round) is frozen with
 SIGSTOP and thawed, or the leader is cut off from its peers by a partition while clients
 still reach it. Every operation is recorded (invocation, completion, outcome) and the
-history is checked key by key with `tests.checkers.linearizability`, and for global
-revision order with `tests.checkers.revisions`. The history is saved (to
+history is checked key by key with `clusters.checkers.linearizability`, and for global
+revision order with `clusters.checkers.revisions`. The history is saved (to
 $CAPKV_HISTORY_DIR, else the test's tmp dir) and its path printed with the fault log;
 to look at one again:
 
-    python -m tests.checkers.linearizability PATH.jsonl
+    python -m clusters.checkers.linearizability PATH.jsonl
 
 The default runs take ~30 s of workload each; the `slow` ones run for minutes (fixed,
 random and planned schedules; `CAPKV_NEMESIS_SEED` replays a random one).
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.checkers import linearizability
-from tests.checkers.history import HistoryRecorder, save
-from tests.checkers.revisions import check_revisions
-from tests.integration.workload import Workload, WorkloadConfig, wait_for_write
+from clusters.checkers import linearizability
+from clusters.checkers.history import HistoryRecorder, save
+from clusters.checkers.revisions import check_revisions
+from clusters.workload import Workload, WorkloadConfig, wait_for_write
 
 # Where failing histories go (kept after the run); default: the test's tmp_path.
 HISTORY_DIR_ENV = "CAPKV_HISTORY_DIR"

@@ -28,7 +28,9 @@ import dataclasses
 import random
 
 from api.service import Member, NodeConfig, ServiceError
+from dynamo.antientropy import AntiEntropyOptions
 from dynamo.coordinator import CoordinatorLimits
+from dynamo.gossip import GossipPolicy
 from dynamo.service import APOptions, DynamoService
 from engines.memory import MemoryEngine
 
@@ -36,10 +38,15 @@ from .network import SimNetwork
 from .vloop import run
 
 NODES = ["n1", "n2", "n3", "n4", "n5"]
+# After the heal (and the 5 s for hints), every node must see every node alive within this.
+VIEWS_CONVERGE_WITHIN_S = 15.0
 OPTIONS = APOptions(
     probe_interval_s=0.2,
     handoff_interval_s=0.1,
     coordinator=CoordinatorLimits(peer_timeout_s=0.2, read_repair_wait_s=0.2),
+    # Gossip and anti-entropy run in every simulation, at a pace that keeps a run cheap.
+    gossip=GossipPolicy(interval_s=1.0, fanout=1, suspect_after_s=3.0, down_after_s=8.0),
+    anti_entropy=AntiEntropyOptions(interval_s=2.0),
 )
 
 
@@ -102,6 +109,9 @@ class SimResult:
     virtual_seconds: float
     final: dict
     faults: dict
+    # with aae_within_s: virtual seconds after the heal until every key's primaries held
+    # the same version with no read at all (None: they did not within the bound)
+    aae_converged_s: float | None = None
 
     def failed(self) -> bool:
         return bool(self.invented or self.diverged or (self.conflicts == "vclock" and self.lost_acked))
@@ -109,7 +119,8 @@ class SimResult:
 
 class SimCluster:
     def __init__(self, seed: int, conflicts: str, drop: float, duplicate: float, skew_s: float, hinted_handoff: bool = True,
-                 loss_window_s: float = 0.0):
+                 loss_window_s: float = 0.0, options: APOptions = OPTIONS):
+        self.options = options
         self.rng = random.Random(seed)
         self.network = SimNetwork(random.Random(self.rng.getrandbits(64)), drop=drop, duplicate=duplicate)
         loop = asyncio.get_event_loop()
@@ -132,7 +143,7 @@ class SimCluster:
             transport=self.network.transport(node),
             wall_clock=lambda: 1_700_000_000.0 + loop.time() + self.skew[node],
             rng=random.Random(self.rng.getrandbits(64)),
-            options=OPTIONS,
+            options=self.options,
             engine=self.engines[node],
         )
         await service.start()
@@ -161,8 +172,24 @@ class SimCluster:
         return sorted(self.services)
 
 
-async def _simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults, hinted_handoff, skew_s, loss_window_s):
-    sim = SimCluster(seed, conflicts, drop, duplicate, skew_s=skew_s, hinted_handoff=hinted_handoff, loss_window_s=loss_window_s)
+def _diverged(sim: SimCluster, key_names) -> list[bytes]:
+    """Keys whose primaries do not all hold the same version (read straight from replicas)."""
+    reader = sim.services["n1"]
+    diverged = []
+    for key in key_names:
+        primaries = reader.preflist(key)["preference_list"]
+        objects = [sim.services[p].replica.fetch(key) for p in primaries]
+        if any(obj is None for obj in objects) and any(obj is not None for obj in objects):
+            diverged.append(key)
+        elif objects[0] is not None and not all(objects[0].same_as(obj) for obj in objects[1:]):
+            diverged.append(key)
+    return diverged
+
+
+async def _simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults, hinted_handoff, skew_s, loss_window_s,
+                    options, aae_within_s):
+    sim = SimCluster(seed, conflicts, drop, duplicate, skew_s=skew_s, hinted_handoff=hinted_handoff, loss_window_s=loss_window_s,
+                     options=options)
     rng = sim.rng
     for node in NODES:
         await sim.start(node)
@@ -233,7 +260,29 @@ async def _simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults
     for node in NODES:
         if node not in sim.services:
             await sim.start(node)
-    await asyncio.sleep(5.0)
+    aae_converged_s = None
+    if aae_within_s is not None:
+        # Anti-entropy alone (no client reads, so no read repair): poll the replicas.
+        loop = asyncio.get_running_loop()
+        healed = loop.time()
+        while loop.time() - healed <= aae_within_s:
+            if not _diverged(sim, key_names):
+                aae_converged_s = round(loop.time() - healed, 3)
+                break
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(max(0.0, 5.0 - (loop.time() - healed)))  # as below: hints flow
+    else:
+        await asyncio.sleep(5.0)
+    # Gossip views converge: every node sees every node alive again, within a bound.
+    loop = asyncio.get_running_loop()
+    settle_deadline = loop.time() + VIEWS_CONVERGE_WITHIN_S
+    while not all(s.detector.status(n) == "alive" for s in sim.services.values() for n in NODES):
+        if loop.time() > settle_deadline:
+            views_converged = False
+            break
+        await asyncio.sleep(0.25)
+    else:
+        views_converged = True
     final: dict[bytes, list[bytes]] = {}
     reader = sim.services["n1"]
     for key in key_names:
@@ -241,14 +290,11 @@ async def _simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults
         final[key] = read.siblings
         max_siblings = max(max_siblings, len(read.siblings))
     await asyncio.sleep(2.0)  # read repair
-    diverged = []
-    for key in key_names:
-        primaries = reader.preflist(key)["preference_list"]
-        objects = [sim.services[p].replica.fetch(key) for p in primaries]
-        if any(obj is None for obj in objects) and any(obj is not None for obj in objects):
-            diverged.append(key)
-        elif objects[0] is not None and not all(objects[0].same_as(obj) for obj in objects[1:]):
-            diverged.append(key)
+    diverged = _diverged(sim, key_names)
+    if not views_converged:
+        diverged.append(b"<membership views did not converge in time>")
+    if aae_within_s is not None and aae_converged_s is None:
+        diverged.append(b"<anti-entropy did not converge in time>")
     # a coverage read after convergence agrees with the per-key quorum reads
     items, partial = await reader.range(b"key-", timeout=5.0)
     ranged = {read.key: sorted(read.siblings) for read in items}
@@ -282,12 +328,17 @@ async def _simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults
         virtual_seconds=round(asyncio.get_running_loop().time(), 3),
         final={k: sorted(v) for k, v in final.items()},
         faults=sim.faults,
+        aae_converged_s=aae_converged_s,
     )
 
 
 def simulate(seed: int, conflicts: str = "vclock", *, ops: int = 200, clients: int = 4, keys: int = 3,
              drop: float = 0.02, duplicate: float = 0.02, faults: bool = True, hinted_handoff: bool = True,
-             skew_s: float = 0.05, loss_window_s: float = 0.1) -> SimResult:
+             skew_s: float = 0.05, loss_window_s: float = 0.1, anti_entropy: bool = True,
+             aae_within_s: float | None = None) -> SimResult:
     """One run; `skew_s` bounds each node's wall-clock offset (what lww orders by);
     a crash loses a random suffix of the writes of the last `loss_window_s` seconds."""
-    return run(_simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults, hinted_handoff, skew_s, loss_window_s))
+    options = OPTIONS if anti_entropy else dataclasses.replace(
+        OPTIONS, anti_entropy=dataclasses.replace(OPTIONS.anti_entropy, enabled=False))
+    return run(_simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults, hinted_handoff, skew_s, loss_window_s,
+                         options, aae_within_s))

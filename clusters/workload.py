@@ -42,7 +42,7 @@ import uuid
 from collections import Counter
 from typing import Any, Callable, Sequence
 
-from tests.checkers.history import HistoryFull, HistoryRecorder
+from clusters.checkers.history import HistoryFull, HistoryRecorder
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,7 +43,7 @@ operation; one stale read planted in them is found in 1-60 s, or the search give
 the default bound on the longest; a failing search costs roughly (history length before
 the violation) x 2^(concurrent operations) states.
 
-    python -m tests.checkers.linearizability history.jsonl [--max-states N]
+    python -m clusters.checkers.linearizability history.jsonl [--max-states N]
 """
 from __future__ import annotations
 
@@ -601,7 +601,7 @@ class _Search:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m tests.checkers.linearizability HISTORY.jsonl [--max-states N]`: print the
+    """`python -m clusters.checkers.linearizability HISTORY.jsonl [--max-states N]`: print the
     verdict (and the revision checks); exit status 0 linearizable, 1 not, 2 gave up."""
     import argparse
 

@@ -155,7 +155,7 @@ def check(
     None when it holds nothing}, taken after the convergence wait, for the divergence
     check (omit to skip it). `initial`: values keys held before the history.
 
-        >>> from tests.checkers.history import Op
+        >>> from clusters.checkers.history import Op
         >>> w = Op(0, 1, "write", "k", "a", invoke=0.0, complete=1.0, outcome="ok")
         >>> check([w], {"k": []}).lost
         1
