@@ -93,7 +93,6 @@ class APWorkload:
     """
 
     def __init__(self, urls: Sequence[str], recorder, config: APWorkloadConfig):
-
         self.urls = list(urls)
         self.recorder = recorder
         self.config = config
