@@ -63,8 +63,10 @@ async def run(watchers: int, puts: int, rate: float, writers: int) -> dict:
             written = time.perf_counter()
             await asyncio.wait(consumers, timeout=60)
             elapsed = time.perf_counter() - started
-            for it in iterators:
-                await it.aclose()
+            canceled = sum(1 for c in consumers if not c.done())
+            for c in consumers:
+                c.cancel()
+            await asyncio.gather(*consumers, return_exceptions=True)
             delays.sort()
 
             def pct(p):
@@ -80,6 +82,8 @@ async def run(watchers: int, puts: int, rate: float, writers: int) -> dict:
                 "delay_ms_p50": pct(0.5),
                 "delay_ms_p99": pct(0.99),
                 "hub_wakeups": sum(n._hub.wakeups for n in nodes),
+                "watchers_unfinished": canceled,
+                "watchers_canceled_slow": sum(n._hub.canceled_slow for n in nodes),
             }
         finally:
             await cluster.stop()

@@ -70,9 +70,13 @@ class Coordinator:
         lww: bool = False,
         limits: CoordinatorLimits = CoordinatorLimits(),
         metrics: dict | None = None,
+        previous_ring: Callable[[], Ring | None] = lambda: None,
     ):
         self.self_id = self_id
         self.ring = ring
+        # While data moves after a ring change, the ring before it: reads also ask the key's
+        # old primaries, so a key not yet streamed to its new owners is still found.
+        self.previous_ring = previous_ring
         self.n = n
         self.detector = detector
         self._call = call
@@ -233,11 +237,18 @@ class Coordinator:
                 f"only {len(targets)} replicas are reachable for this key; the read needs {r}", wanted=r, reachable=len(targets)
             )
         used = {t.node for t in targets}
-        tally = ReadTally(r, len(targets), lww=self.lww)
+        old_owners = self._old_owners(key, used)
+        if old_owners:
+            # Handover: ask the old primaries too and wait for every answer (a new owner's
+            # not-found must not make the quorum before the old owner's copy arrives).
+            self._count("handover_reads")
+            targets = targets + [Target(node) for node in old_owners]
+            used |= set(old_owners)
+        tally = ReadTally(r, len(targets), lww=self.lww, wait_all=bool(old_owners))
         settled = asyncio.Event()
         if tally.done:
             settled.set()
-        fallback_nodes: set[str] = {t.node for t in targets if t.hint_for}
+        fallback_nodes: set[str] = {t.node for t in targets if t.hint_for} | set(old_owners)
         tasks = [
             asyncio.ensure_future(self._fetch(key, t, tally, fallbacks, used, fallback_nodes, deadline, settled))
             for t in targets
@@ -260,6 +271,13 @@ class Coordinator:
             self._count("reads_with_siblings", len(merged.live_values) > 1)
         self._spawn(self._read_repair(key, tally, tasks, fallback_nodes, deadline))
         return merged
+
+    def _old_owners(self, key: bytes, used: set[str]) -> list[str]:
+        previous = self.previous_ring()
+        if previous is None:
+            return []
+        up = self.detector.up()
+        return [node for node in previous.preference_list(key, self.n) if node not in used and node in up]
 
     async def _fetch(self, key, target, tally, fallbacks, used, fallback_nodes, deadline, settled) -> None:
         while target is not None:

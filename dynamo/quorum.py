@@ -90,10 +90,11 @@ class WriteTally:
 class ReadTally:
     """Replies for one read: `done` after `r` replies (a not-found counts as a reply)."""
 
-    def __init__(self, r: int, planned: int, *, lww: bool = False):
+    def __init__(self, r: int, planned: int, *, lww: bool = False, wait_all: bool = False):
         if r < 1:
             raise ValueError(f"r must be at least 1, not {r}")
         self.r = r
+        self.wait_all = wait_all  # done only when every planned replica answered or failed
         self.planned = planned
         self.lww = lww
         self.replies: dict[str, VersionedObject | None] = {}
@@ -115,6 +116,8 @@ class ReadTally:
     @property
     def done(self) -> bool:
         outstanding = self.planned - len(self.replies) - len(self.failed)
+        if self.wait_all:
+            return outstanding <= 0
         return self.ok or len(self.replies) + outstanding < self.r
 
     def reconciled(self) -> VersionedObject | None:

@@ -56,6 +56,9 @@ class APOptions:
     max_range_limit: int = 10_000  # keys one coverage read returns at most
     anti_entropy: AntiEntropyOptions = AntiEntropyOptions()
     gossip: GossipPolicy = GossipPolicy()
+    # After a ring change, reads also ask the keys' old primaries for at least this long
+    # and until this node's own transfers are done (others stream at the same bounded rate).
+    handover_s: float = 30.0
 
 
 # Joining through another node (NodeConfig.join): attempts and the pause between them.
@@ -132,6 +135,9 @@ class DynamoService:
         )
         self.detector = CombinedDetector(self.request_detector, self._gossip_status)
         self._gossip_calls: dict[str, asyncio.Task] = {}
+        self._previous_ring: Ring | None = None
+        self._handover_until = 0.0
+        self._rebalancing = 0
         aae = options.anti_entropy
         self.trees = TreeSet(self.node_id, config.replicas, branching=aae.branching, depth=aae.depth)
         self.aae: AntiEntropy | None = None
@@ -189,6 +195,7 @@ class DynamoService:
         self.coordinator = Coordinator(
             self.node_id,
             ring=lambda: self._ring,
+            previous_ring=self._handover_ring,
             n=config.replicas,
             detector=self.detector,
             call=self._call,
@@ -475,6 +482,9 @@ class DynamoService:
             "ap_actor_epochs_total": self.replica.epochs_started if self.replica else 0,
             "ap_peers_alive": len(self.detector.up()),
             "ap_gossip_rounds_total": m.get("gossip_rounds", 0),
+            "ap_rebalance_keys_sent_total": m.get("rebalance_keys_sent", 0),
+            "ap_rebalancing": self._rebalancing,
+            "ap_handover_reads_total": m.get("handover_reads", 0),
             "ap_gossip_refutations_total": self.gossip.refutations if self.gossip else 0,
             "ap_gossip_ring_version": self.gossip.ring_version if self.gossip else 0,
             "ap_members_suspect": sum(1 for n in self.members if self.detector.status(n) == "suspect"),
@@ -524,6 +534,14 @@ class DynamoService:
                 missed.append(node)
         return {"members": sorted(m.id for m in members), "told": sorted(told), "not_told": missed}
 
+    def _handover_ring(self) -> Ring | None:
+        if self._previous_ring is None:
+            return None
+        if self._rebalancing or asyncio.get_running_loop().time() < self._handover_until:
+            return self._previous_ring
+        self._previous_ring = None
+        return None
+
     async def _merge_gossip(self, digest: dict) -> None:
         if self.gossip.merge(digest, asyncio.get_running_loop().time()):
             self._count("gossip_ring_changes")
@@ -534,6 +552,9 @@ class DynamoService:
         if set(new) == set(self.members):
             return
         self.members = new
+        if self._previous_ring is None:  # during a handover, keep the oldest ring
+            self._previous_ring = self._ring
+        self._handover_until = asyncio.get_running_loop().time() + self.options.handover_s
         self._ring = Ring(new, self.config.vnodes)
         self.detector.set_members(new)
         if self.replica is not None:
@@ -545,6 +566,13 @@ class DynamoService:
     async def _rebalance(self) -> None:
         """Push every local key this node no longer replicates to its new primaries, then
         drop it; keys it now replicates arrive from the others' rebalancing."""
+        self._rebalancing += 1
+        try:
+            await self._rebalance_keys()
+        finally:
+            self._rebalancing -= 1
+
+    async def _rebalance_keys(self) -> None:
         replica, ring, n = self.replica, self._ring, self.config.replicas
         loop = asyncio.get_running_loop()
         for key in list(replica.keys()):
@@ -554,12 +582,17 @@ class DynamoService:
             obj = replica.fetch(key)
             if obj is None:
                 continue
+            # Only the new primaries lack the key; the ones that stayed already hold it
+            # (and anti-entropy fixes them if they do not).
+            previous = self._previous_ring
+            receivers = [p for p in primaries if previous is None or p not in previous.preference_list(key, n)] or primaries
             payload = {"key": b64(key), "object": b64(versions.encode_object(obj)), "hint_for": None}
             results = await asyncio.gather(
-                *(self.coordinator.call(p, "store", payload, loop.time() + self.options.coordinator.peer_timeout_s) for p in primaries),
+                *(self.coordinator.call(p, "store", payload, loop.time() + self.options.coordinator.peer_timeout_s) for p in receivers),
                 return_exceptions=True,
             )
             if all(not isinstance(result, BaseException) for result in results):
+                self._count("rebalance_keys_sent", len(receivers))
                 if await replica.drop_if_unowned(key, self.node_id in self._ring.preference_list(key, n)):
                     self._count("handoff_deleted")
             await asyncio.sleep(1.0 / self.options.hints.replay_rate_per_s)

@@ -11,7 +11,7 @@ to `(file id, offset, size)` of its newest record, so a get is one dict lookup a
     merge()           -> live records of every immutable file are copied into new files
                          with hint files; the old files are deleted
 
-Files (byte layouts in FORMAT.md and format.py): `<id>.data` data files, `<id>.hint` hint
+Files (byte layouts in engines/FORMATS.md and format.py): `<id>.data` data files, `<id>.hint` hint
 files. Ids order history: a higher id holds newer records. A merge rotates first and takes
 the ids between the newest input and the new active file for its output, so a restart that
 replays files in id order always sees a key's newest record last.
@@ -93,7 +93,7 @@ from .format import (
 
 logger = logging.getLogger("capkv.engines.hash")
 
-# The LOCK file's content (FORMAT.md); what matters is the flock on it.
+# The LOCK file's content (engines/FORMATS.md); what matters is the flock on it.
 LOCK_CONTENT = b"CKVHLOCK 1 capkv hash engine directory lock (held with flock while open)\n"
 
 _PACK_FIELDS = RECORD_FIELDS.pack
@@ -258,7 +258,7 @@ class HashEngine:
             raise InvalidArgument(f"hash engine: {exc}") from None
         self.hash_options = HashOptions(**own)
         o = self.options
-        # Record and batch lengths are u32 on disk (FORMAT.md).
+        # Record and batch lengths are u32 on disk (engines/FORMATS.md).
         if o.max_key_bytes + o.max_value_bytes + RECORD_OVERHEAD >= 1 << 32:
             raise InvalidArgument("max_key_bytes + max_value_bytes must stay under 4 GiB in the hash engine")
         if o.max_batch_bytes + RECORD_OVERHEAD * (o.max_batch_ops + 1) >= 1 << 32:

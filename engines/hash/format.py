@@ -1,4 +1,4 @@
-"""Byte layouts of the hash engine's files: data files and hint files (see FORMAT.md).
+"""Byte layouts of the hash engine's files: data files and hint files (see engines/FORMATS.md).
 
 Pure encoding and decoding over bytes, no file handles, so every rule here is testable on
 a buffer. Integers are little-endian. A data file is a header and then records:

@@ -5,7 +5,7 @@
 
 Modules: `wal` (log records), `memtable`, `sstable` (tables, blocks, block cache), `bloom`,
 `manifest`, `compaction` (what to merge; pure), `merge` (chunked k-way merge), `engine`.
-Byte layouts are in FORMAT.md.
+Byte layouts are in engines/FORMATS.md.
 """
 from .engine import LSMEngine, LSMOptions
 

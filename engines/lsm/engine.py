@@ -39,7 +39,7 @@ with every concurrent writer (GroupCommit); "batch" fsyncs every `sync_interval_
 `wal_buffer_bytes`, so a killed process loses at most that tail). Recovery replays the
 WALs the manifest still needs; a torn tail is cut, logged and counted in `stats()`.
 
-Files in the directory: `MANIFEST`, `NNNNNN.wal`, `NNNNNN.sst` (see FORMAT.md); an open engine
+Files in the directory: `MANIFEST`, `NNNNNN.wal`, `NNNNNN.sst` (see engines/FORMATS.md); an open engine
 holds an flock on the directory, so a second engine cannot open it.
 """
 from __future__ import annotations

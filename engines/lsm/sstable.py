@@ -1,7 +1,7 @@
 """Immutable sorted tables (SSTables): data blocks, a sparse index, a Bloom filter, a footer.
 
 A table is written once, from keys already in order, and never changed; it is deleted
-when compaction has replaced it and no reader holds it. The byte layout is in FORMAT.md.
+when compaction has replaced it and no reader holds it. The byte layout is in engines/FORMATS.md.
 
     data block 0 | crc | data block 1 | crc | ... | index | crc | bloom | crc | footer (56 bytes)
 

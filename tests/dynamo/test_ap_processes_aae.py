@@ -160,3 +160,112 @@ def test_gossip_sees_a_paused_node_and_its_return_and_spreads_a_new_member(tmp_p
         asyncio.run(scenario())
     finally:
         cluster.stop()
+
+
+def test_a_fourth_node_joins_and_then_leaves_under_continuous_writes(tmp_path):
+    """n1..n3 run from a 3-node file; n4 starts from a 4-node file with --join. Writers
+    never stop; afterwards every acknowledged write reads back, and the copies streamed
+    to n4 are close to the ideal (the keys whose preference list now names n4). Then n4
+    leaves (DELETE through n1) under the same writes, and again nothing acknowledged is lost."""
+    from clusters.spec import free_ports
+    from dynamo.ring import Ring
+
+    secret = "join-leave-secret"
+    three = write_cluster_file(tmp_path / "three.toml", 3, name="three", secret=secret)
+    ports = [(int(n.client_url.rsplit(":", 1)[1]), int(n.peer_address.rsplit(":", 1)[1])) for n in three.nodes]
+    write_cluster_file(tmp_path / "four.toml", 4, name="four", secret=secret, ports=ports + [tuple(free_ports(2))])
+    data = tmp_path / "data"
+    env = {"CAPKV_AAE_INTERVAL_S": "2"}
+    old = LocalCluster(tmp_path / "three.toml", mode="ap", data_dir=data, engine="lsm", sync="never", env=env)
+    new = LocalCluster(tmp_path / "four.toml", mode="ap", data_dir=data, engine="lsm", sync="never", env=env,
+                       node_args={"n4": ("--join", three.nodes[0].client_url)})
+    old.start(timeout=60)
+    nodes3 = ["n1", "n2", "n3"]
+
+    async def scenario():
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            acked: dict[str, bytes] = {}
+            stop = asyncio.Event()
+
+            async def writer(w):
+                i = 0
+                while not stop.is_set():
+                    key, value = f"jl/{w}/{i}", b"v-%d-%d" % (w, i)
+                    try:
+                        async with http.put(f"{old.url(nodes3[i % 3])}/v1/kv/{key}", data=value) as r:
+                            if r.status == 200:
+                                acked[key] = value
+                    except (aiohttp.ClientError, asyncio.TimeoutError):
+                        pass
+                    i += 1
+
+            async def metric(cluster, node, name):
+                async with http.get(f"{cluster.url(node)}/metrics") as r:
+                    text = await r.text()
+                return float(next(l for l in text.splitlines() if l.startswith("capkv_" + name + " ")).split()[-1])
+
+            async def members(cluster, node):
+                async with http.get(f"{cluster.url(node)}/v1/cluster") as r:
+                    return sorted(m["id"] for m in (await r.json())["members"])
+
+            async def settle(expected):
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 30
+                while loop.time() < deadline:
+                    views = [await members(old, n) for n in nodes3]
+                    busy = sum([await metric(old, n, "ap_rebalancing") for n in nodes3])
+                    if all(v == expected for v in views) and not busy:
+                        return True
+                    await asyncio.sleep(0.3)
+                return False
+
+            async def check_all_readable():
+                missing = []
+                for key, value in list(acked.items()):
+                    async with http.get(f"{old.url(nodes3[hash(key) % 3])}/v1/kv/{key}") as r:
+                        body = await r.json()
+                    if r.status != 200 or value.decode() not in [s.get("value") for s in body["siblings"]]:
+                        missing.append(key)
+                return missing
+
+            writers = [asyncio.ensure_future(writer(w)) for w in range(4)]
+            await asyncio.sleep(1.5)
+            before_join = dict(acked)
+            await asyncio.to_thread(new.restart, "n4")
+            assert await settle(["n1", "n2", "n3", "n4"])
+            await asyncio.sleep(1.0)
+            stop.set()
+            await asyncio.gather(*writers)
+            assert await settle(["n1", "n2", "n3", "n4"])
+            missing = await check_all_readable()
+            assert not missing, f"{len(missing)} of {len(acked)} acknowledged writes unreadable after the join: {missing[:5]}"
+            ring4 = Ring(["n1", "n2", "n3", "n4"], 150)
+            ideal = sum(1 for k in before_join if "n4" in ring4.preference_list(k.encode(), 3))
+            moved = sum([await metric(old, n, "ap_rebalance_keys_sent_total") for n in nodes3])
+            print(f"\njoin: {len(acked)} acked writes, {len(before_join)} before the join; copies streamed to n4 "
+                  f"{moved:.0f}, ideal (keys written before the join that n4 now replicates) {ideal}; "
+                  f"moved/ideal {moved / max(ideal, 1):.2f}")
+            assert ideal > 0 and moved <= 1.5 * len([k for k in acked if "n4" in ring4.preference_list(k.encode(), 3)])
+
+            # the leave, under writes again
+            stop.clear()
+            writers = [asyncio.ensure_future(writer(w)) for w in range(4)]
+            await asyncio.sleep(1.0)
+            async with http.delete(f"{old.url('n1')}/v1/cluster/members/n4") as r:
+                assert r.status == 200, await r.text()
+            await asyncio.sleep(1.0)
+            stop.set()
+            await asyncio.gather(*writers)
+            assert await settle(["n1", "n2", "n3"])
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while loop.time() < deadline and (missing := await check_all_readable()):
+                await asyncio.sleep(1.0)
+            assert not missing, f"{len(missing)} of {len(acked)} acknowledged writes unreadable after the leave: {missing[:5]}"
+            print(f"leave: all {len(acked)} acknowledged writes readable")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        new.stop()
+        old.stop()
