@@ -16,6 +16,13 @@ quorum, refused), `OutcomeUnknown` (504) when it may have been (leader changed, 
 Every write carries a request id (the client's, or one made here), so the service itself
 retries within the request's timeout when that is safe, and a client retry with the same
 `request_id` applies at most once.
+
+CPExtras (txn, leases, watch, compact, add/remove_member) are here too; how each works
+under failure is in consensus/DESIGN.md ("Transactions, leases, watches, ...").
+
+    result = await service.txn([Compare(b"a", "value", "==", b"1")], [TxnOp("put", b"a", b"2")], [])
+    lease = await service.lease_grant(10); await service.put(b"k", b"v", lease=lease.id)
+    async for batch in service.watch(b"a/", b"a0", start_revision=5): ...
 """
 from __future__ import annotations
 
@@ -163,6 +170,7 @@ class ConsensusService:
                 "precondition_failed_total",
                 "duplicate_requests_total",
                 "leases_expired_total",
+                "txns_total",
             ),
             0,
         )
@@ -637,6 +645,12 @@ class ConsensusService:
                 "read_barriers_total": float(self._barrier.barriers),
                 "read_barrier_reads_total": float(self._barrier.reads),
                 "bridge_wakeups_total": float(self._bridge.wakeups),
+                "watchers": float(len(self._hub.watchers)),
+                "watch_events_delivered_total": float(self._hub.events_delivered),
+                "watch_canceled_slow_total": float(self._hub.canceled_slow),
+                "watch_wakeups_total": float(self._hub.wakeups),
+                "leases": float(len(self._lessor.deadlines)),
+                "store_compacted_rows_total": float(self._sm.compacted_rows),
             }
         )
         for key, value in raft.stats().items():
@@ -723,13 +737,10 @@ class ConsensusService:
         if problem is not None:
             raise InvalidRequest(problem, code="invalid_txn")
         timeout = self._check_timeout(timeout)
-        writes = any(o["op"] != "get" for o in command["success"] + command["failure"])
-        if writes:
-            self._counters["writes_total"] += 1
-            result = await self._write(command, timeout)
-        else:
-            # Read-only: a barrier then a local evaluation would do too, but one path is simpler.
-            result = await self._write(command, timeout)
+        # Read-only txns go through the log too (linearizable, one code path); a barrier
+        # and a local evaluation would save the log entry.
+        self._counters["txns_total"] += 1
+        result = await self._write(command, timeout)
         return _txn_result(result)
 
     # --- CPExtras: leases ----------------------------------------------------------------

@@ -33,16 +33,21 @@ async def run(watchers: int, puts: int, rate: float, writers: int) -> dict:
             delivered = [0]
             iterators = [nodes[i % len(nodes)].watch(b"bench/", b"bench0", progress_interval=60) for i in range(watchers)]
 
+            finished: list[float] = []
+
             async def consume(iterator):
+                mine = 0
                 async for batch in iterator:
                     now = time.perf_counter()
                     for event in batch.events:
-                        delivered[0] += 1
+                        mine += 1
                         ack = acked.get(event.kv.mod_revision)
                         if ack is not None:
                             delays.append(now - ack)
-                    if delivered[0] >= watchers * puts or batch.canceled:
-                        return
+                    if mine >= puts or batch.canceled:
+                        break
+                delivered[0] += mine
+                finished.append(time.perf_counter())
 
             consumers = [asyncio.ensure_future(consume(it)) for it in iterators]
             await asyncio.sleep(0.5)
@@ -62,7 +67,7 @@ async def run(watchers: int, puts: int, rate: float, writers: int) -> dict:
             await asyncio.gather(*(write(leader) for _ in range(writers)))
             written = time.perf_counter()
             await asyncio.wait(consumers, timeout=60)
-            elapsed = time.perf_counter() - started
+            elapsed = (max(finished) if finished else time.perf_counter()) - started
             canceled = sum(1 for c in consumers if not c.done())
             for c in consumers:
                 c.cancel()

@@ -303,6 +303,8 @@ async def _simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults
     for service in sim.services.values():
         service.replica._check()
         service.detector._check()
+        service.gossip._check()
+        service.trees._check()
     # the checker
     written = {w.value for w in history if w.value is not None}
     superseded: dict[bytes, set] = {}
