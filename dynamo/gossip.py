@@ -49,12 +49,18 @@ class GossipPolicy:
     fanout: int = 2  # peers per round
     suspect_after_s: float = 3.0  # no heartbeat heard for this long: suspect
     down_after_s: float = 8.0  # ... and for this long: down
+    # ... and, in a big cluster where news of a heartbeat takes several rounds to arrive,
+    # for this many times the member's usual gap between heartbeats heard here (an
+    # exponential average): the simple form of Cassandra's phi accrual, so a slow path
+    # does not read as a failure.
+    suspect_gaps: float = 4.0
+    down_gaps: float = 10.0
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0 or self.fanout < 1:
             raise ValueError("interval_s must be positive and fanout at least 1")
-        if not 0 < self.suspect_after_s < self.down_after_s:
-            raise ValueError("need 0 < suspect_after_s < down_after_s")
+        if not 0 < self.suspect_after_s < self.down_after_s or not 0 < self.suspect_gaps < self.down_gaps:
+            raise ValueError("need 0 < suspect_after_s < down_after_s and 0 < suspect_gaps < down_gaps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +97,7 @@ class GossipState:
         self.members: dict[str, dict] = {}
         self.heard: dict[str, Heard] = {}
         self.last_heard: dict[str, float] = {}  # local time this node last saw the entry go up
+        self.gap: dict[str, float] = {}  # average time between those, per member
         self._set_members(list(members), now)
         self.heard[self_id] = Heard(incarnation, 0)
         self.refutations = 0
@@ -104,10 +111,12 @@ class GossipState:
         for node in self.members:
             self.heard.setdefault(node, Heard(0, 0))
             self.last_heard.setdefault(node, now)  # a newcomer gets a full grace period
+            self.gap.setdefault(node, self.policy.interval_s)
         for node in list(self.heard):
             if node not in self.members and node != self.self_id:
                 del self.heard[node]
                 self.last_heard.pop(node, None)
+                self.gap.pop(node, None)
 
     # --- our own changes ----------------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -139,9 +148,10 @@ class GossipState:
         if node not in self.members:
             return DOWN
         age = now - self.last_heard.get(node, now)
-        if age >= self.policy.down_after_s:
+        gap = self.gap.get(node, self.policy.interval_s)
+        if age >= max(self.policy.down_after_s, self.policy.down_gaps * gap):
             return DOWN
-        if age >= self.policy.suspect_after_s or self.heard[node].suspect:
+        if age >= max(self.policy.suspect_after_s, self.policy.suspect_gaps * gap) or self.heard[node].suspect:
             return SUSPECT
         return ALIVE
 
@@ -191,6 +201,9 @@ class GossipState:
                 continue
             merged = merge_heard(mine, theirs)
             if merged.newer_than(mine):
+                # a long silence (a pause, a partition) is not a usual gap: cap what it teaches
+                gap = min(now - self.last_heard.get(node, now), self.policy.suspect_after_s)
+                self.gap[node] = 0.8 * self.gap.get(node, self.policy.interval_s) + 0.2 * gap
                 self.last_heard[node] = now
             self.heard[node] = merged
         return changed

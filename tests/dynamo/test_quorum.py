@@ -73,3 +73,22 @@ def test_read_tally_fails_when_r_cannot_be_reached():
     tally.reply("a", None)
     tally.fail("b")
     assert tally.done and not tally.ok
+
+
+def test_a_handover_read_waits_for_every_replica_not_just_r():
+    """During a ring change the old owner's copy must not lose the race to two empty new
+    owners: with wait_all the read is done only when every asked replica answered."""
+    from dynamo.quorum import ReadTally
+    from dynamo.vclock import VClock
+    from dynamo.versions import new_write
+
+    tally = ReadTally(2, 3, wait_all=True)
+    tally.reply("new1", None)
+    tally.reply("new2", None)
+    assert tally.ok and not tally.done  # R met, but the old owner has not answered yet
+    tally.reply("old", new_write(None, VClock(), b"v", "old.1", 1.0))
+    assert tally.done and tally.reconciled().live_values == [b"v"]
+    quick = ReadTally(2, 3)
+    quick.reply("new1", None)
+    quick.reply("new2", None)
+    assert quick.done and quick.reconciled() is None  # what wait_all prevents

@@ -4,7 +4,8 @@
     result.lost_acked      # acknowledged writes that vanished although no context covered them
     result.diverged        # keys whose primaries still differ after heal + handoff + repair
 
-The run: 5 nodes (N=3 R=2 W=2) on a SimNetwork with delay, loss and duplication; clients
+The run: 5 nodes by default (`size=` up to 20; N=3 R=2 W=2), each with gossip and
+anti-entropy running, on a SimNetwork with delay, loss and duplication; clients
 do blind writes, read-modify-writes with their last read's context, deletes with context
 and reads on a few hot keys, through random nodes; a fault schedule partitions the
 network, crashes and restarts nodes (their engine survives, minus a random suffix of the
@@ -119,18 +120,19 @@ class SimResult:
 
 class SimCluster:
     def __init__(self, seed: int, conflicts: str, drop: float, duplicate: float, skew_s: float, hinted_handoff: bool = True,
-                 loss_window_s: float = 0.0, options: APOptions = OPTIONS):
+                 loss_window_s: float = 0.0, options: APOptions = OPTIONS, nodes: list[str] = NODES):
         self.options = options
+        self.nodes = list(nodes)
         self.rng = random.Random(seed)
         self.network = SimNetwork(random.Random(self.rng.getrandbits(64)), drop=drop, duplicate=duplicate)
         loop = asyncio.get_event_loop()
         self.engines = {
-            n: CrashableMemoryEngine(loop.time, random.Random(self.rng.getrandbits(64)), loss_window_s) for n in NODES
+            n: CrashableMemoryEngine(loop.time, random.Random(self.rng.getrandbits(64)), loss_window_s) for n in self.nodes
         }
-        self.skew = {n: self.rng.uniform(-skew_s, skew_s) for n in NODES}
+        self.skew = {n: self.rng.uniform(-skew_s, skew_s) for n in self.nodes}
         self.conflicts = conflicts
         self.hinted_handoff = hinted_handoff
-        self.members = tuple(Member(n, f"http://{n}", f"{n}:1") for n in NODES)
+        self.members = tuple(Member(n, f"http://{n}", f"{n}:1") for n in self.nodes)
         self.services: dict[str, DynamoService] = {}
         self.faults = {"partitions": 0, "crashes": 0, "hints_delivered": 0, "read_repairs": 0, "handoff_deleted": 0, "epochs": 0, "lost_batches": 0}
 
@@ -187,11 +189,12 @@ def _diverged(sim: SimCluster, key_names) -> list[bytes]:
 
 
 async def _simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults, hinted_handoff, skew_s, loss_window_s,
-                    options, aae_within_s):
+                    options, aae_within_s, size):
     sim = SimCluster(seed, conflicts, drop, duplicate, skew_s=skew_s, hinted_handoff=hinted_handoff, loss_window_s=loss_window_s,
-                     options=options)
+                     options=options, nodes=NODES if size == len(NODES) else [f"n{i + 1}" for i in range(size)])
+    nodes = sim.nodes
     rng = sim.rng
-    for node in NODES:
+    for node in nodes:
         await sim.start(node)
     key_names = [b"key-%d" % i for i in range(keys)]
     history: list[Write] = []
@@ -242,8 +245,8 @@ async def _simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults
             await asyncio.sleep(rng.uniform(0.1, 0.6))
             kind = rng.random()
             if kind < 0.4:
-                split = rng.sample(NODES, rng.choice([1, 2]))
-                sim.network.partition(split, [n for n in NODES if n not in split])
+                split = rng.sample(nodes, rng.choice([1, 2]) if len(nodes) <= 5 else rng.randint(1, len(nodes) // 2))
+                sim.network.partition(split, [n for n in nodes if n not in split])
                 sim.faults["partitions"] += 1
                 await asyncio.sleep(rng.uniform(0.3, 2.0))
                 sim.network.heal()
@@ -257,7 +260,7 @@ async def _simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults
     # heal everything and let hints flow
     sim.network.heal()
     sim.network.drop = sim.network.duplicate = 0.0
-    for node in NODES:
+    for node in nodes:
         if node not in sim.services:
             await sim.start(node)
     aae_converged_s = None
@@ -276,7 +279,7 @@ async def _simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults
     # Gossip views converge: every node sees every node alive again, within a bound.
     loop = asyncio.get_running_loop()
     settle_deadline = loop.time() + VIEWS_CONVERGE_WITHIN_S
-    while not all(s.detector.status(n) == "alive" for s in sim.services.values() for n in NODES):
+    while not all(s.detector.status(n) == "alive" for s in sim.services.values() for n in nodes):
         if loop.time() > settle_deadline:
             views_converged = False
             break
@@ -285,12 +288,20 @@ async def _simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults
         views_converged = True
     final: dict[bytes, list[bytes]] = {}
     reader = sim.services["n1"]
+    unreadable = []
     for key in key_names:
-        read = await reader.get(key, r=3, timeout=5.0)
+        try:
+            read = await reader.get(key, r=3, timeout=5.0)
+        except ServiceError:
+            unreadable.append(key)
+            final[key] = []
+            continue
         final[key] = read.siblings
         max_siblings = max(max_siblings, len(read.siblings))
     await asyncio.sleep(2.0)  # read repair
     diverged = _diverged(sim, key_names)
+    if unreadable:
+        diverged.append(b"<final r=N reads failed: %d keys>" % len(unreadable))
     if not views_converged:
         diverged.append(b"<membership views did not converge in time>")
     if aae_within_s is not None and aae_converged_s is None:
@@ -337,10 +348,10 @@ async def _simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults
 def simulate(seed: int, conflicts: str = "vclock", *, ops: int = 200, clients: int = 4, keys: int = 3,
              drop: float = 0.02, duplicate: float = 0.02, faults: bool = True, hinted_handoff: bool = True,
              skew_s: float = 0.05, loss_window_s: float = 0.1, anti_entropy: bool = True,
-             aae_within_s: float | None = None) -> SimResult:
+             aae_within_s: float | None = None, size: int = 5) -> SimResult:
     """One run; `skew_s` bounds each node's wall-clock offset (what lww orders by);
     a crash loses a random suffix of the writes of the last `loss_window_s` seconds."""
     options = OPTIONS if anti_entropy else dataclasses.replace(
         OPTIONS, anti_entropy=dataclasses.replace(OPTIONS.anti_entropy, enabled=False))
     return run(_simulate(seed, conflicts, ops, clients, keys, drop, duplicate, faults, hinted_handoff, skew_s, loss_window_s,
-                         options, aae_within_s))
+                         options, aae_within_s, size))

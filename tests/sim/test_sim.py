@@ -127,3 +127,18 @@ def test_anti_entropy_converges_for_many_seeds(chunk):
     for seed in range(5000 + chunk * 40, 5000 + (chunk + 1) * 40):
         result = simulate(seed, "vclock", keys=30, ops=300, drop=0.05, hinted_handoff=bool(seed % 2), aae_within_s=AAE_BOUND_S)
         _check(result)
+
+
+@pytest.mark.parametrize("size,seed", [(8, 300), (12, 301)])
+def test_bigger_clusters_with_gossip_and_anti_entropy_lose_nothing_and_converge(size, seed):
+    result = simulate(seed, "vclock", keys=20, size=size, hinted_handoff=bool(seed % 2), aae_within_s=AAE_BOUND_S)
+    _check(result)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [5, 10, 15, 20])
+def test_many_seeds_on_clusters_of_5_to_20_nodes(size):
+    for seed in range(7000 + size * 100, 7000 + size * 100 + 15):
+        result = simulate(seed, "vclock", keys=20, ops=300, size=size, drop=0.05, hinted_handoff=bool(seed % 2),
+                          aae_within_s=AAE_BOUND_S)
+        _check(result)

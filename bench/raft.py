@@ -1,7 +1,7 @@
 """Write latency and throughput of the cp service, in-process (no HTTP). Prints JSON.
 
-    python -m consensus.benchmark --sync always --layout processes
-    python -m consensus.benchmark --sync never --layout threads --writers 64
+    python -m bench.raft --sync always --layout processes
+    python -m bench.raft --sync never --layout threads --writers 64
 
 `--layout threads` runs all three nodes in this process (they share one GIL);
 `--layout processes` runs the measured node here and the two others as subprocesses, as a
@@ -26,8 +26,8 @@ import time
 
 from api.service import Member, NodeConfig
 
-from .raft_node import RaftOptions
-from .service import create_service
+from consensus.raft_node import RaftOptions
+from consensus.service import create_service
 
 # To steer which node wins the first election: the node here campaigns first (leader) or
 # last (follower); elections only, the rest of the tuning stays the default.
@@ -133,7 +133,7 @@ async def _run(args) -> dict:
             for config in configs[1:]:
                 children.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "consensus.benchmark", "--serve", _config_to_json(config)],
+                        [sys.executable, "-m", "bench.raft", "--serve", _config_to_json(config)],
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     )
                 )

@@ -1,4 +1,4 @@
-"""`python -m consensus.watch_benchmark`: watchers on a prefix while puts go in.
+"""`python -m bench.raft_watch`: watchers on a prefix while puts go in.
 
 Three cp nodes in this process (memory engine, sync=never, no HTTP: the service layer
 only), `--watchers` watches spread over the nodes on one prefix, a writer doing `--puts`
@@ -6,7 +6,7 @@ puts at up to `--rate` per second from `--writers` concurrent tasks. Prints JSON
 delivered per second (all watchers together) and the delay from a put's acknowledgement to
 its event at each watcher (p50/p99; negative when the event arrived before the ack).
 
-    python -m consensus.watch_benchmark --watchers 100 --puts 1000 --rate 1000
+    python -m bench.raft_watch --watchers 100 --puts 1000 --rate 1000
 
 Measured, never asserted: the machine is shared (see DESIGN.md "Figures").
 """
