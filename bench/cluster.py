@@ -192,6 +192,10 @@ async def run_all(target, args) -> list[dict]:
                 continue  # ap reads have R, not consistency levels
             result = await run_load(target, workload, clients, args.seconds, args.keys, args.value_bytes)
             line = result.as_json()
+            if isinstance(target, CapkvTarget) and target.mode == "ap" and workload == "get-linearizable":
+                # An ap read waits for R replies; it is compared with etcd's linearizable get.
+                line["workload"] = "get-quorum"
+                line["compare_with"] = workload
             print(json.dumps(line), flush=True)
             lines.append(line)
     return lines
@@ -308,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         etcd_by = {(r["workload"], r["clients"]): r for r in results["etcd"]}
         for mine in results["capkv"]:
-            theirs = etcd_by.get((mine["workload"], mine["clients"]))
+            theirs = etcd_by.get((mine.get("compare_with", mine["workload"]), mine["clients"]))
             if not theirs or not theirs["ops_per_s"]:
                 continue
             print(json.dumps({
