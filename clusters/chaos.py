@@ -48,6 +48,8 @@ from typing import Callable, Sequence
 from .nemesis import FAULT_KINDS, NETWORKS, Nemesis, create_cluster, http_call, namespaces_available, plan
 from .launcher import LocalCluster
 from .spec import resolve_secret
+from .checkers.history import HistoryFull
+from .workload import NodeClient, Workload, WorkloadConfig, kv_path
 
 DEFAULT_FAULTS = ("partition", "kill", "pause")
 # Keys the workload uses: few, so that clients really contend on them.
@@ -73,6 +75,7 @@ class APWorkloadConfig:
     key_prefix: str = "chaos/"
     duration: float = 30.0
     timeout_ms: int = REQUEST_TIMEOUT_MS
+    client_slack_ms: int = CLIENT_SLACK_MS
     # Operation mix: read-modify-write (read, then write with its context), plain read,
     # blind write (no context: a sibling of whatever is stored).
     update_weight: float = 0.5
@@ -83,55 +86,22 @@ class APWorkloadConfig:
     seed: int = 0
 
 
-class APWorkload:
+class APWorkload(Workload):
     """Concurrent clients for an ap cluster, recording reads (with every sibling) and
-    writes (with the read whose context they carry), per tests/checkers/ap_checker.py.
+    writes (with the read whose context they carry), per clusters/checkers/ap_checker.py.
 
     An ap 503 means fewer than W replicas acknowledged, but the write may exist on those
     that took it (Dynamo's and Riak's behaviour): it is recorded `unknown`, not `fail`.
     Only a refused connection is a `fail`.
     """
 
-    def __init__(self, urls: Sequence[str], recorder, config: APWorkloadConfig):
-        self.urls = list(urls)
-        self.recorder = recorder
-        self.config = config
-        self.counts: Counter[tuple[str, str]] = Counter()
-        self.statuses: Counter[str] = Counter()
-        self.unexpected: list[str] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._deadline = 0.0
-
-    def start(self) -> "APWorkload":
-        self._deadline = time.monotonic() + self.config.duration
-        for number in range(self.config.clients):
-            thread = threading.Thread(target=self._client, args=(number,), name=f"ap-workload-{number}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def join(self, timeout: float | None = None) -> None:
-        limit = timeout if timeout is not None else (
-            max(0.0, self._deadline - time.monotonic()) + 2 * (self.config.timeout_ms + CLIENT_SLACK_MS) / 1000 + 5)
-        end = time.monotonic() + limit
-        for thread in self._threads:
-            thread.join(max(0.0, end - time.monotonic()))
-        alive = [t.name for t in self._threads if t.is_alive()]
-        if alive:
-            raise TimeoutError(f"workload clients still running: {alive}")
+    # An update is a read and then a write: two requests per step when joining.
+    requests_per_step = 2
 
     def _client(self, number: int) -> None:
-        from clusters.checkers.history import HistoryFull
-        from clusters.workload import NodeClient
-
         config = self.config
         rng = random.Random(f"{config.seed}-ap-{number}")
-        client = NodeClient(timeout=(config.timeout_ms + CLIENT_SLACK_MS) / 1000)
+        client = NodeClient(timeout=(config.timeout_ms + config.client_slack_ms) / 1000)
         weights = [config.update_weight, config.read_weight, config.blind_weight]
         try:
             for sequence in range(config.max_ops_per_client):
@@ -153,28 +123,8 @@ class APWorkload:
         finally:
             client.close()
 
-    def _send(self, client, rng: random.Random, method: str, path: str, body: bytes | None = None):
-        from clusters.workload import RequestFailed, RequestLost
-
-        url = rng.choice(self.urls)
-        try:
-            return url, client.request(url, method, path, body), None
-        except RequestFailed as error:
-            return url, None, ("refused", str(error))
-        except RequestLost as error:
-            return url, None, ("lost", str(error))
-
-    def _finish(self, pending, kind: str, outcome: str, url: str, status: str, value: str | None = None, **result) -> None:
-        result = {k: v for k, v in result.items() if v is not None}
-        result.update(node=url, status=status)
-        self.recorder.complete(pending, outcome, value=value, result=result)
-        with self._lock:
-            self.counts[(kind, outcome)] += 1
-            self.statuses[status] += 1
-
     def _read(self, client, rng: random.Random, number: int, key: str) -> tuple[int, str | None] | None:
         """GET at the default R; returns (read op id, context) when it answered."""
-        from clusters.workload import kv_path
 
         pending = self.recorder.invoke(number, "read", key)
         url, response, error = self._send(client, rng, "GET", kv_path(key, timeout_ms=self.config.timeout_ms))
@@ -191,13 +141,12 @@ class APWorkload:
                          siblings=siblings, context=context)  # fmt: skip
             return pending.id, context
         if response.status not in (503, 504):
-            self._note(f"GET {key} at {url}: {response.status} {body}")
+            self._unexpected(f"GET {key} at {url}: {response.status} {body}")
         self._finish(pending, "read", "fail" if response.status == 503 else "unknown", url, str(response.status),
                      error=_code(body))  # fmt: skip
         return None
 
     def _write(self, client, rng: random.Random, number: int, key: str, value: str, seen: tuple[int, str | None] | None) -> None:
-        from clusters.workload import kv_path
 
         pending = self.recorder.invoke(number, "write", key, value=value)
         read_id, context = seen if seen is not None else (None, None)
@@ -212,13 +161,9 @@ class APWorkload:
             self._finish(pending, "write", "ok", url, "200", read=read_id)
             return
         if response.status not in (503, 504):
-            self._note(f"PUT {key} at {url}: {response.status} {body}")
+            self._unexpected(f"PUT {key} at {url}: {response.status} {body}")
         self._finish(pending, "write", "unknown", url, str(response.status), error=_code(body), read=read_id)
 
-    def _note(self, what: str) -> None:
-        with self._lock:
-            if len(self.unexpected) < 100:
-                self.unexpected.append(what)
 
 
 def _text(sibling: dict) -> str:
@@ -401,7 +346,6 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> RunResu
         schedule = plan(faults, args.time, list(cluster.nodes), random.Random(seed))
         recorder = history_module.HistoryRecorder()
         if args.mode == "cp":
-            from clusters.workload import Workload, WorkloadConfig
 
             workload = Workload(cluster.urls, recorder, WorkloadConfig(
                 clients=args.clients, keys=keys, key_prefix="chaos/", duration=args.time, timeout_ms=REQUEST_TIMEOUT_MS,

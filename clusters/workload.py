@@ -191,6 +191,10 @@ class Workload:
     `statuses` the HTTP statuses and errors seen, for assertions and reports.
     """
 
+    # Requests a client may have outstanding per step of its loop (a cas reads, then writes
+    # only when the read answered), for the bound on `join()`.
+    requests_per_step = 1
+
     def __init__(
         self,
         urls: Sequence[str] | Callable[[], Sequence[str]],
@@ -226,7 +230,8 @@ class Workload:
         duration plus one request's worst case unless `timeout` says otherwise."""
         limit = timeout
         if limit is None:
-            limit = max(0.0, self._deadline - time.monotonic()) + (self.config.timeout_ms + self.config.client_slack_ms) / 1000 + 5
+            request_s = (self.config.timeout_ms + self.config.client_slack_ms) / 1000
+            limit = max(0.0, self._deadline - time.monotonic()) + self.requests_per_step * request_s + 5
         end = time.monotonic() + limit
         for thread in self._threads:
             thread.join(max(0.0, end - time.monotonic()))
