@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
 from pathlib import Path
 
@@ -25,9 +26,9 @@ from api.routes.common import ApiLimits
 from tests.api.conftest import node_config, started_server
 from tests.api.fakes import FakeCPExtrasService
 
-CAPTURES = Path(__file__).resolve().parents[3] / "shared" / "etcd-v3-captures"
-if not CAPTURES.is_dir():  # the tree may sit elsewhere: fall back to the shared location
-    CAPTURES = Path("/work/shared/etcd-v3-captures")
+# The captures sit in shared/ beside the checkout; CAPKV_ETCD_CAPTURES points elsewhere.
+CAPTURES = Path(os.environ.get("CAPKV_ETCD_CAPTURES")
+                or Path(__file__).resolve().parents[3] / "shared" / "etcd-v3-captures")
 
 GOLDEN_LIMITS = ApiLimits(max_value_bytes=1024 * 1024, timeout_grace_seconds=0.05)
 INT64 = re.compile(r"^-?[0-9]+$")
