@@ -448,6 +448,8 @@ class Nemesis:
         self._lock = threading.RLock()
         self._groups: list[list[str]] | None = None
         self._baseline: dict = {}
+        self._delayed: list[Link] = []
+        self._delay_baseline: dict = {}
 
     # --- faults -------------------------------------------------------------------------------
 
@@ -465,14 +467,42 @@ class Nemesis:
 
     def delay(self, links: Iterable[Link], delay_ms: float) -> FaultEvent:
         links = list(links)
-        self.cluster.network.delay(links, delay_ms)
+        with self._lock:
+            self._delay_baseline = self.cluster.network.stats()
+            self.cluster.network.delay(links, delay_ms)
+            self._delayed = links
         return self._record("delay", tuple(f"{a}>{b}" for a, b in links), {"delay_ms": delay_ms})
+
+    def prove_delay(self, timeout: float = EVIDENCE_TIMEOUT_SECONDS) -> FaultEvent:
+        """Wait until peer traffic on the delayed links was really held back (the proxies
+        count each chunk a delay held). Raft heartbeats and ap gossip cross most links every
+        fraction of a second, so a delay that took shows within a second or two; a link that
+        carried nothing at all is recorded as idle (shown None), not as a failure."""
+        with self._lock:
+            links, baseline = self._delayed, self._delay_baseline
+        if not links:
+            raise ValueError("no delay is in force")
+        targets = tuple(f"{a}>{b}" for a, b in links)
+        deadline = self.clock() + timeout
+        while True:
+            shown, details = self.cluster.network.delay_evidence(links, baseline)
+            if shown:
+                return self._record("evidence", targets, details, shown=True)
+            if self.clock() >= deadline:
+                if details["bytes"] == 0:
+                    # Nothing crossed these links (two Raft followers do not talk): the delay
+                    # is in force but had nothing to act on. Not a failure, and not a fault shown.
+                    return self._record("evidence", targets, {**details, "idle": True}, shown=None)
+                self._record("evidence", targets, details, shown=False)
+                raise FaultNotShown(f"delay on {links} not shown after {timeout}s: {details}")
+            time.sleep(0.2)
 
     def heal(self) -> FaultEvent:
         """Undo every cut and delay."""
         with self._lock:
             self.cluster.network.heal()
             self._groups = None
+            self._delayed = []
             return self._record("heal", (), {})
 
     def kill(self, node: str) -> FaultEvent:
@@ -597,7 +627,7 @@ class Nemesis:
             prove: bool = True) -> None:  # fmt: skip
         """Carry out `schedule` (times relative to `started`, a `clock()` reading), each
         fault undone after its duration; stops early when `stop` is set. With `prove`,
-        every partition is checked with `prove_partition` (a failure is recorded in the
+        every partition is checked with `prove_partition` and every delay with `prove_delay` (a failure is recorded in the
         event, not raised, so the run goes on and the verdict reports it)."""
         stop = stop or threading.Event()
         for fault in schedule:
@@ -629,6 +659,11 @@ class Nemesis:
                     pass  # recorded as an event with shown=False
         elif fault.kind == "delay":
             self.delay([tuple(t.split(">")) for t in fault.targets], fault.delay_ms)
+            if prove:
+                try:
+                    self.prove_delay(timeout=min(EVIDENCE_TIMEOUT_SECONDS, max(3.0, fault.duration)))
+                except FaultNotShown:
+                    pass  # recorded as an event with shown=False
 
     def undo(self, fault: PlannedFault) -> None:
         if fault.kind == "kill":

@@ -97,6 +97,7 @@ class LinkStats:
     open: int = 0
     cut: bool = False
     delay_ms: float = 0.0
+    held: int = 0  # chunks a delay held back before passing them on
     cut_since: float | None = None  # monotonic time of the current cut
 
     def copy(self) -> "LinkStats":
@@ -218,6 +219,7 @@ class _LinkProxy:
             due, data = item
             wait = due - time.monotonic()
             if wait > 0:
+                self.stats.held += 1
                 await asyncio.sleep(wait)
             if self.stats.cut:
                 return
@@ -352,6 +354,20 @@ class LinkProxies:
         tried = sum(stats[l].refused + stats[l].severed - (base[l].refused + base[l].severed if l in base else 0)
                     for l in links)  # fmt: skip
         return tried > 0, {"cut_link_refusals": tried}
+
+    def delay_evidence(self, links: Iterable[Link], baseline: Mapping[Link, LinkStats] | None = None) -> tuple[bool, dict]:
+        """Did traffic on these delayed links wait since `baseline`? (shown, details): shown
+        when some chunk was held back by the delay; `bytes` says how much crossed at all
+        (none: the link was idle, e.g. between two Raft followers, so there was nothing to delay)."""
+        stats = self.stats()
+        base = baseline or {}
+
+        def grown(link: Link, field: str) -> int:
+            return getattr(stats[link], field) - (getattr(base[link], field) if link in base else 0)
+
+        held = sum(grown(l, "held") for l in links)
+        moved = sum(grown(l, "bytes_forward") + grown(l, "bytes_backward") for l in links)
+        return held > 0, {"held_chunks": held, "bytes": moved}
 
     def _check(self) -> None:
         """Invariants: one proxy per ordered pair of distinct nodes, each on its own port."""

@@ -117,10 +117,13 @@ def test_a_delay_holds_traffic_and_heal_removes_it(echo_proxies):
         started = time.monotonic()
         _echo(sock, b"fast")
         fast = time.monotonic() - started
+        held_before = proxies.stats()[("a", "c")].held
         proxies.delay([("a", "c")], 300)
         started = time.monotonic()
         assert _echo(sock, b"slow") == b"slow"
         slow = time.monotonic() - started
+        shown, details = proxies.delay_evidence([("a", "c")])
+        assert shown and details["held_chunks"] > held_before
         proxies.heal()
         started = time.monotonic()
         _echo(sock, b"fast")
@@ -188,6 +191,11 @@ def _kv(cluster, node, key, method="GET", body=None, **params):
 def test_cp_partition_isolates_the_minority_and_the_majority_serves(proxied):
     cluster = proxied("cp")
     assert _kv(cluster, "n2", "k", "PUT", b"before")[0] == 200
+    # A write is acknowledged once a majority has it: wait until n1 has applied it too, so
+    # that what n1 serves during the cut is known.
+    deadline = time.monotonic() + 10
+    while _kv(cluster, "n1", "k", consistency="serializable")[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
     nemesis = Nemesis(cluster)
     nemesis.partition([["n1"], ["n2", "n3"]])
     shown = nemesis.prove_partition()
