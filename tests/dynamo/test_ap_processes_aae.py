@@ -162,7 +162,7 @@ def test_gossip_sees_a_paused_node_and_its_return_and_spreads_a_new_member(tmp_p
         cluster.stop()
 
 
-@pytest.mark.slow  # about 30 s: `pytest -m slow -k fourth tests/dynamo`
+# About 20-30 s; in the default run so that joins and leaves are covered on real processes.
 def test_a_fourth_node_joins_and_then_leaves_under_continuous_writes(tmp_path):
     """n1..n3 run from a 3-node file; n4 starts from a 4-node file with --join. Writers
     never stop; afterwards every acknowledged write reads back, and the copies streamed

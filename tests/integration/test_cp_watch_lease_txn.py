@@ -236,7 +236,6 @@ def test_compaction_gives_410_for_old_revisions_and_watches(cp_cluster):
             next(node.watch("c", start_revision=revisions[1], reconnect=False))
 
 
-@pytest.mark.slow
 @needs_members
 def test_membership_grows_to_five_and_shrinks_to_three_under_writes(cp_cluster, tmp_path):
     """n4 and n5 start from a 5-node cluster file (they know every peer) once the running
