@@ -25,7 +25,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,18 +33,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel hands out now; they are free until someone else binds them."""
-    sockets, ports = [], []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-        ports.append(s.getsockname()[1])
-    for s in sockets:
-        s.close()
-    return ports
+from clusters.spec import free_ports
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:

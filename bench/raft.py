@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,23 +27,12 @@ from api.service import Member, NodeConfig
 
 from consensus.raft_node import RaftOptions
 from consensus.service import create_service
+from clusters.spec import free_ports as _free_ports
 
 # To steer which node wins the first election: the node here campaigns first (leader) or
 # last (follower); elections only, the rest of the tuning stays the default.
 _EAGER = RaftOptions(election_timeout_min_s=0.2, election_timeout_max_s=0.25, heartbeat_s=0.05)
 _RELUCTANT = RaftOptions(election_timeout_min_s=2.0, election_timeout_max_s=2.5)
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _configs(base: str, sync: str, engine: str) -> list[NodeConfig]:

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 
 from api.service import Member, NodeConfig
 from consensus.raft_node import RaftOptions
 from consensus.service import ConsensusService, create_service
+from clusters.spec import free_ports
 
 # Faster failure detection than the defaults, so fault tests finish quickly.
 FAST = RaftOptions(
@@ -18,18 +18,6 @@ FAST = RaftOptions(
     connection_timeout_s=1.0,
     connection_retry_s=0.2,
 )
-
-
-def free_ports(n: int) -> list[int]:
-    sockets, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-        ports.append(s.getsockname()[1])
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def make_configs(base_dir: str, n: int = 3, *, engine: str = "memory", sync: str = "never") -> list[NodeConfig]:

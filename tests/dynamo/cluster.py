@@ -2,12 +2,12 @@
 peer server (real HTTP peer traffic, authenticated), all in the test's event loop."""
 from __future__ import annotations
 
-import socket
 import tempfile
 
 from api.service import Member, NodeConfig
 from dynamo.service import APOptions, DynamoService
 from dynamo.coordinator import CoordinatorLimits
+from clusters.spec import free_ports
 
 SECRET = "test-secret"
 FAST = APOptions(
@@ -15,18 +15,6 @@ FAST = APOptions(
     handoff_interval_s=0.05,
     coordinator=CoordinatorLimits(peer_timeout_s=1.0, read_repair_wait_s=0.3),
 )
-
-
-def free_ports(count: int) -> list[int]:
-    socks = []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 class InProcessCluster:
