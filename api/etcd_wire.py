@@ -120,6 +120,8 @@ def from_service_error(exc: ServiceError, *, op: str = "") -> EtcdError:
     ("lease_grant": a PreconditionFailed is an existing lease id).
     """
     code = getattr(exc, "code", "")
+    if code == "responses_unavailable":  # applied by an earlier attempt; etcd has no such error
+        return EtcdError(UNKNOWN, exc.message)
     if isinstance(exc, Compacted):
         return EtcdError(OUT_OF_RANGE, ERR_COMPACTED)
     if isinstance(exc, NotFound) and code == "lease_not_found":

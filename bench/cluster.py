@@ -53,9 +53,11 @@ class Result:
     errors: int = 0
     latencies_ms: list[float] = field(default_factory=list)
 
+    cpu_seconds: float | None = None  # utime + stime of the system's processes, if known
+
     def as_json(self) -> dict:
         lat = sorted(self.latencies_ms)
-        return {
+        line = {
             "system": self.system,
             "workload": self.workload,
             "clients": self.clients,
@@ -66,6 +68,25 @@ class Result:
             "p50_ms": round(percentile(lat, 0.50), 2),
             "p99_ms": round(percentile(lat, 0.99), 2),
         }
+        if self.cpu_seconds is not None and self.ok:
+            # CPU spent by all the system's processes per successful op: unlike ops/s it
+            # hardly changes when other work shares the machine.
+            line["cpu_us_per_op"] = round(self.cpu_seconds / self.ok * 1e6, 1)
+        return line
+
+
+def cpu_seconds(pids: list[int]) -> float | None:
+    """utime + stime of `pids` from /proc (Linux), or None when unreadable."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0
+    try:
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    except (OSError, IndexError, ValueError):
+        return None
+    return total / ticks
 
 
 # --- the two systems' request shapes --------------------------------------------------------
@@ -74,9 +95,10 @@ class Result:
 class CapkvTarget:
     name = "capkv"
 
-    def __init__(self, urls: list[str], mode: str):
+    def __init__(self, urls: list[str], mode: str, pids: list[int] | None = None):
         self.urls = urls
         self.mode = mode
+        self.pids = pids or []
 
     def put(self, session, node: int, key: str, value: bytes):
         return session.put(f"{self.urls[node]}/v1/kv/{key}", data=value)
@@ -89,8 +111,9 @@ class CapkvTarget:
 class EtcdTarget:
     name = "etcd"
 
-    def __init__(self, urls: list[str]):
+    def __init__(self, urls: list[str], pids: list[int] | None = None):
         self.urls = urls
+        self.pids = pids or []
 
     @staticmethod
     def _b64(data: bytes) -> str:
@@ -141,9 +164,13 @@ async def run_load(target, workload: str, clients: int, seconds: float, keys: in
                 else:
                     result.errors += 1
 
+        cpu_before = cpu_seconds(target.pids) if target.pids else None
         started = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(clients)))
         result.seconds = time.perf_counter() - started
+        cpu_after = cpu_seconds(target.pids) if target.pids else None
+        if cpu_before is not None and cpu_after is not None:
+            result.cpu_seconds = cpu_after - cpu_before
     return result
 
 
@@ -175,7 +202,7 @@ async def run_all(target, args) -> list[dict]:
     lines = []
     await fill(target, args.keys, args.value_bytes)
     for clients in args.clients:
-        for workload in WORKLOADS:
+        for workload in args.workloads:
             if workload == "get-serializable" and isinstance(target, CapkvTarget) and target.mode == "ap":
                 continue  # ap reads have R, not consistency levels
             result = await run_load(target, workload, clients, args.seconds, args.keys, args.value_bytes)
@@ -260,7 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", default="lsm")
     parser.add_argument("--sync", default="always")
     parser.add_argument("--systems", default="capkv,etcd", help="comma-separated: capkv, etcd")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {', '.join(WORKLOADS)}")
     args = parser.parse_args(argv)
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if not args.workloads or not set(args.workloads) <= set(WORKLOADS):
+        parser.error(f"--workloads takes a subset of {', '.join(WORKLOADS)}, not {','.join(args.workloads)!r}")
 
     systems = {name.strip() for name in args.systems.split(",") if name.strip()}
     if not systems <= {"capkv", "etcd"}:
@@ -287,13 +318,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             cluster.start(timeout=60)
             try:
-                results["capkv"] = asyncio.run(run_all(CapkvTarget(cluster.urls, args.mode), args))
+                pids = [n.pid for n in cluster.nodes.values() if n.pid is not None]
+                results["capkv"] = asyncio.run(run_all(CapkvTarget(cluster.urls, args.mode, pids), args))
             finally:
                 cluster.stop()
         if "etcd" in systems:
             procs, urls = start_etcd(workdir)
             try:
-                results["etcd"] = asyncio.run(run_all(EtcdTarget(urls), args))
+                results["etcd"] = asyncio.run(run_all(EtcdTarget(urls, [p.pid for p in procs]), args))
             finally:
                 stop_procs(procs)
         if "capkv" not in results or "etcd" not in results:

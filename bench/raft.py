@@ -66,6 +66,9 @@ async def _serve(config: NodeConfig) -> None:
     await service.stop()
 
 
+_WARM_UP = 50  # puts before the measured ones
+
+
 def _percentile(values: list[float], p: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(p / 100 * len(values)))]
@@ -73,7 +76,7 @@ def _percentile(values: list[float], p: float) -> float:
 
 async def _measure(service, *, sequential: int, writers: int, per_writer: int, value: bytes) -> dict:
     # warm up
-    for i in range(50):
+    for i in range(_WARM_UP):
         await service.put(b"warm/%d" % i, value)
     latencies = []
     started = time.perf_counter()
@@ -144,9 +147,12 @@ async def _run(args) -> dict:
         if args.layout == "threads" and args.via in ("leader", "follower"):
             service = next(s for s in services if (s.node_id == status["leader"]) == (args.via == "leader"))
             status = await service.status()
+        cpu_started = time.process_time()
         result = await _measure(
             service, sequential=args.sequential, writers=args.writers, per_writer=args.per_writer, value=b"x" * args.value_bytes
         )
+        # CPU of this process (the measured node and the load generator) per write.
+        cpu_here = time.process_time() - cpu_started
         metrics = service.metrics()
         return {
             "benchmark": "cp_service_put",
@@ -159,6 +165,8 @@ async def _run(args) -> dict:
             "journal_syncs": metrics.get("raft_journal_syncs", 0),
             "journal_sync_seconds": round(metrics.get("raft_journal_sync_seconds", 0), 3),
             "append_entries_trimmed": metrics.get("raft_append_entries_trimmed", 0),
+            "append_entries_coalesced": metrics.get("raft_append_entries_coalesced", 0),
+            "cpu_us_per_op_here": round(cpu_here / (_WARM_UP + args.sequential + args.writers * args.per_writer) * 1e6, 1),
             "truncation_warnings": metrics.get("raft_truncated_applied_entries_warnings", 0),
         }
     finally:

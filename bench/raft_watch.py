@@ -18,10 +18,10 @@ import json
 import tempfile
 import time
 
+from bench._inproc import Cluster, make_configs
+
 
 async def run(watchers: int, puts: int, rate: float, writers: int) -> dict:
-    from tests.consensus.cluster import Cluster, make_configs
-
     with tempfile.TemporaryDirectory() as base:
         cluster = Cluster(make_configs(base, 3, sync="never"))
         await cluster.start()

@@ -117,62 +117,110 @@ def _wait(predicate: Callable[[], bool], timeout: float = SETTLE_TIMEOUT_SECONDS
     return predicate()
 
 
-# --- cp --------------------------------------------------------------------------------------
+# --- the story, one sequence for both modes ------------------------------------------------------
 
 
-def run_cp(cluster: LocalCluster, nemesis: Nemesis, story: Story) -> bool:
+class Script:
+    """What a mode does differently in the one story `run_partition` tells: how it waits
+    and what it checks. The steps and their order are the same for both modes:
+
+        1. write 'hello' on n2, read it on n1    2. cut {n1} off {n2, n3}
+        3-4. write and read on both sides        5. heal and read (6. ap: resolve)
+        then the verdict: did the cluster behave as its mode promises?
+    """
+
+    intro = ""
+
+    def replicated(self, n1: str) -> None:
+        """Return once n1 holds the first write (if the mode lets n1 read it at all)."""
+
+    def cut_seen(self, note: str) -> str:
+        return f"cut: {note}"
+
+    def during_cut(self, n1: str, n2: str, story: Story) -> None:
+        raise NotImplementedError
+
+    def after_heal(self, cluster: LocalCluster, n1: str, n2: str, story: Story) -> None:
+        raise NotImplementedError
+
+    def verdict(self, story: Story) -> bool:
+        raise NotImplementedError
+
+
+def run_partition(cluster: LocalCluster, nemesis: Nemesis, story: Story, script: Script) -> bool:
     n1, n2 = cluster.url("n1"), cluster.url("n2")
-    story.say("cp mode: Raft. A write needs a majority (2 of 3); a read is linearizable: it "
-              "checks with a majority that it is not stale.")
+    story.say(script.intro)
     story.out("")
     story.header()
     status, body = _kv(n2, "PUT", "hello")
     if status != 200:
         story.step("1. write 'hello'", "", _error(status, body))
         return False
-    _wait(lambda: _kv(n1, consistency="serializable")[0] == 200, 10)
+    script.replicated(n1)
     story.step("1. write 'hello'", f"GET -> {_shown(_values(_kv(n1)[1]))} (replicated here too)", "PUT -> 200 ok")
 
     nemesis.partition([["n1"], ["n2", "n3"]])
     try:
         evidence = nemesis.prove_partition(timeout=SETTLE_TIMEOUT_SECONDS)
-        cut = f"cut: {_cut_note(evidence.evidence)}"
     except FaultNotShown as error:
         story.step("2. cut n1 off", str(error)[:200], "")
         return False
-    story.step("2. cut n1 off", cut, "n3 still reachable")
+    story.step("2. cut n1 off", script.cut_seen(_cut_note(evidence.evidence)), "n3 still reachable")
 
-    left_status, left_body = _kv(n1, "PUT", "from-n1")
-    right_status, right_body = _kv(n2, "PUT", "from-n2")
-    why = "gave up: no majority answered in time" if left_status == 504 else "refused: no majority here"
-    story.step("3. write", f"PUT 'from-n1' -> {_error(left_status, left_body)}: {why}",
-               f"PUT 'from-n2' -> {right_status} ok" if right_status == 200 else _error(right_status, right_body))
-    left_read = _kv(n1)
-    right_read = _kv(n2)
-    story.step("4. read", f"GET -> {_error(*left_read)}: refused rather than risk a stale answer",
-               f"GET -> {_shown(_values(right_read[1]))}" if right_read[0] == 200 else _error(*right_read))
-    stale = _kv(n1, consistency="serializable")
-    story.step("   (serializable)", f"GET ?consistency=serializable -> {_shown(_values(stale[1]))}: "
-               "n1's own copy, stale, on request only", "")
-
+    script.during_cut(n1, n2, story)
     nemesis.heal()
-    _wait(lambda: _kv(n1)[0] == 200)
-    after = {"n1": _kv(n1), "n2": _kv(n2)}
-    story.step("5. heal, read", f"GET -> {_shown(_values(after['n1'][1]))}", f"GET -> {_shown(_values(after['n2'][1]))}")
+    script.after_heal(cluster, n1, n2, story)
     story.out("")
+    return script.verdict(story)
 
-    minority_refused = left_status in (503, 504) and left_read[0] in (503, 504)
-    majority_served = right_status == 200 and right_read[0] == 200 and _values(right_read[1]) == ["from-n2"]
-    consistent = all(s == 200 and _values(b) == ["from-n2"] for s, b in after.values())
-    story.facts.update(minority_refused=minority_refused, majority_served=majority_served, consistent_after_heal=consistent,
-                       minority_write_status=left_status, minority_read_status=left_read[0])  # fmt: skip
-    if minority_refused and majority_served and consistent:
-        story.say("What happened: n1, alone, refused both the write and the read (it cannot tell whether it is "
-                  "stale), while n2 and n3 kept serving. After the heal every node agrees on 'from-n2'; n1's "
-                  "refused write never happened. Consistent, but not available on the minority side: CP.")
-        return True
-    story.say(f"Unexpected for cp: {story.facts}")
-    return False
+
+# --- cp --------------------------------------------------------------------------------------
+
+
+class CPScript(Script):
+    intro = ("cp mode: Raft. A write needs a majority (2 of 3); a read is linearizable: it "
+             "checks with a majority that it is not stale.")
+
+    def replicated(self, n1: str) -> None:
+        _wait(lambda: _kv(n1, consistency="serializable")[0] == 200, 10)
+
+    def during_cut(self, n1: str, n2: str, story: Story) -> None:
+        self.left_status, left_body = _kv(n1, "PUT", "from-n1")
+        self.right_status, right_body = _kv(n2, "PUT", "from-n2")
+        why = "gave up: no majority answered in time" if self.left_status == 504 else "refused: no majority here"
+        story.step("3. write", f"PUT 'from-n1' -> {_error(self.left_status, left_body)}: {why}",
+                   f"PUT 'from-n2' -> {self.right_status} ok" if self.right_status == 200
+                   else _error(self.right_status, right_body))  # fmt: skip
+        self.left_read = _kv(n1)
+        self.right_read = _kv(n2)
+        story.step("4. read", f"GET -> {_error(*self.left_read)}: refused rather than risk a stale answer",
+                   f"GET -> {_shown(_values(self.right_read[1]))}" if self.right_read[0] == 200
+                   else _error(*self.right_read))  # fmt: skip
+        stale = _kv(n1, consistency="serializable")
+        story.step("   (serializable)", f"GET ?consistency=serializable -> {_shown(_values(stale[1]))}: "
+                   "n1's own copy, stale, on request only", "")
+
+    def after_heal(self, cluster: LocalCluster, n1: str, n2: str, story: Story) -> None:
+        _wait(lambda: _kv(n1)[0] == 200)
+        self.after = {"n1": _kv(n1), "n2": _kv(n2)}
+        story.step("5. heal, read", f"GET -> {_shown(_values(self.after['n1'][1]))}",
+                   f"GET -> {_shown(_values(self.after['n2'][1]))}")
+
+    def verdict(self, story: Story) -> bool:
+        left_status, left_read, right_read = self.left_status, self.left_read, self.right_read
+        minority_refused = left_status in (503, 504) and left_read[0] in (503, 504)
+        majority_served = self.right_status == 200 and right_read[0] == 200 and _values(right_read[1]) == ["from-n2"]
+        consistent = all(s == 200 and _values(b) == ["from-n2"] for s, b in self.after.values())
+        story.facts.update(minority_refused=minority_refused, majority_served=majority_served,
+                           consistent_after_heal=consistent, minority_write_status=left_status,
+                           minority_read_status=left_read[0])  # fmt: skip
+        if minority_refused and majority_served and consistent:
+            story.say("What happened: n1, alone, refused both the write and the read (it cannot tell whether it is "
+                      "stale), while n2 and n3 kept serving. After the heal every node agrees on 'from-n2'; n1's "
+                      "refused write never happened. Consistent, but not available on the minority side: CP.")
+            return True
+        story.say(f"Unexpected for cp: {story.facts}")
+        return False
 
 
 # --- ap --------------------------------------------------------------------------------------
@@ -186,89 +234,79 @@ def _all_alive(cluster: LocalCluster) -> bool:
     return True
 
 
-def run_ap(cluster: LocalCluster, nemesis: Nemesis, story: Story, lww: bool) -> bool:
-    n1, n2 = cluster.url("n1"), cluster.url("n2")
-    how = "last write wins by timestamp (--conflicts lww)" if lww else "vector clocks keep concurrent writes as siblings"
-    story.say(f"ap mode: Dynamo-style. N=3 copies of each key, R=2, W=2; {how}. Any node coordinates any request.")
-    story.out("")
-    story.header()
-    status, body = _kv(n2, "PUT", "hello")
-    if status != 200:
-        story.step("1. write 'hello'", "", _error(status, body))
-        return False
-    story.step("1. write 'hello'", f"GET -> {_shown(_values(_kv(n1)[1]))} (replicated here too)", "PUT -> 200 ok")
+class APScript(Script):
+    def __init__(self, lww: bool):
+        self.lww = lww
+        how = "last write wins by timestamp (--conflicts lww)" if lww else "vector clocks keep concurrent writes as siblings"
+        self.intro = f"ap mode: Dynamo-style. N=3 copies of each key, R=2, W=2; {how}. Any node coordinates any request."
 
-    nemesis.partition([["n1"], ["n2", "n3"]])
-    try:
-        evidence = nemesis.prove_partition(timeout=SETTLE_TIMEOUT_SECONDS)
-        cut = f"cut: sees n2, n3 down ({_cut_note(evidence.evidence)})"
-    except FaultNotShown as error:
-        story.step("2. cut n1 off", str(error)[:200], "")
-        return False
-    story.step("2. cut n1 off", cut, "n3 still reachable")
+    def cut_seen(self, note: str) -> str:
+        return f"cut: sees n2, n3 down ({note})"
 
-    # Each side reads (to get the causal context) and writes over what it read. n1 alone
-    # holds one copy, so these requests ask for one reply (r=1, w=1): with W=2 it would
-    # refuse, because a 3-node cluster has no spare node to stand in (sloppy quorum).
-    left_seen = _kv(n1, r=1)
-    right_seen = _kv(n2, r=1)
-    left_context = left_seen[1].get("context") if isinstance(left_seen[1], dict) else None
-    right_context = right_seen[1].get("context") if isinstance(right_seen[1], dict) else None
-    left_status, left_body = _kv(n1, "PUT", "from-n1", context=left_context, w=1)
-    right_status, right_body = _kv(n2, "PUT", "from-n2", context=right_context, w=1)
-    story.step("3. read, write w=1", f"saw {_shown(_values(left_seen[1]))}; PUT 'from-n1' -> "
-               + ("200 ok, accepted" if left_status == 200 else _error(left_status, left_body)),
-               f"saw {_shown(_values(right_seen[1]))}; PUT 'from-n2' -> "
-               + ("200 ok, accepted" if right_status == 200 else _error(right_status, right_body)))  # fmt: skip
-    left_read, right_read = _kv(n1, r=1), _kv(n2, r=1)
-    story.step("4. read r=1", f"GET -> {_shown(_values(left_read[1]))}", f"GET -> {_shown(_values(right_read[1]))}")
+    def during_cut(self, n1: str, n2: str, story: Story) -> None:
+        # Each side reads (to get the causal context) and writes over what it read. n1 alone
+        # holds one copy, so these requests ask for one reply (r=1, w=1): with W=2 it would
+        # refuse, because a 3-node cluster has no spare node to stand in (sloppy quorum).
+        left_seen = _kv(n1, r=1)
+        right_seen = _kv(n2, r=1)
+        left_context = left_seen[1].get("context") if isinstance(left_seen[1], dict) else None
+        right_context = right_seen[1].get("context") if isinstance(right_seen[1], dict) else None
+        self.left_status, left_body = _kv(n1, "PUT", "from-n1", context=left_context, w=1)
+        self.right_status, right_body = _kv(n2, "PUT", "from-n2", context=right_context, w=1)
+        story.step("3. read, write w=1", f"saw {_shown(_values(left_seen[1]))}; PUT 'from-n1' -> "
+                   + ("200 ok, accepted" if self.left_status == 200 else _error(self.left_status, left_body)),
+                   f"saw {_shown(_values(right_seen[1]))}; PUT 'from-n2' -> "
+                   + ("200 ok, accepted" if self.right_status == 200 else _error(self.right_status, right_body)))  # fmt: skip
+        self.left_read, self.right_read = _kv(n1, r=1), _kv(n2, r=1)
+        story.step("4. read r=1", f"GET -> {_shown(_values(self.left_read[1]))}",
+                   f"GET -> {_shown(_values(self.right_read[1]))}")
 
-    nemesis.heal()
-    healed = _wait(lambda: _all_alive(cluster))
-    final = _kv(n2, r=3)
-    final_n1 = _kv(n1, r=3)
-    values = _values(final[1])
-    story.step("5. heal, read r=3", f"GET -> {_shown(_values(final_n1[1]))}",
-               f"GET -> {_shown(values)}" + (f" ({len(values)} siblings)" if len(values) > 1 else ""))  # fmt: skip
+    def after_heal(self, cluster: LocalCluster, n1: str, n2: str, story: Story) -> None:
+        self.healed = _wait(lambda: _all_alive(cluster))
+        final = _kv(n2, r=3)
+        final_n1 = _kv(n1, r=3)
+        self.values = values = _values(final[1])
+        story.step("5. heal, read r=3", f"GET -> {_shown(_values(final_n1[1]))}",
+                   f"GET -> {_shown(values)}" + (f" ({len(values)} siblings)" if len(values) > 1 else ""))  # fmt: skip
+        self.both_accepted = self.left_status == 200 and self.right_status == 200
+        self.diverged = _values(self.left_read[1]) == ["from-n1"] and _values(self.right_read[1]) == ["from-n2"]
+        story.facts.update(both_accepted=self.both_accepted, diverged=self.diverged, healed=self.healed,
+                           final_values=values, final_values_n1=_values(final_n1[1]))  # fmt: skip
+        if not self.lww and values == ["from-n1", "from-n2"]:
+            context = final[1].get("context")
+            status, _ = _kv(n2, "PUT", "from-n1 and from-n2", context=context)
+            resolved = _kv(n1, r=3)
+            story.step("6. resolve", f"GET -> {_shown(_values(resolved[1]))}",
+                       f"PUT 'from-n1 and from-n2' with the context -> {status}")
+            story.facts["resolved"] = _values(resolved[1]) == ["from-n1 and from-n2"]
 
-    both_accepted = left_status == 200 and right_status == 200
-    diverged = _values(left_read[1]) == ["from-n1"] and _values(right_read[1]) == ["from-n2"]
-    story.facts.update(both_accepted=both_accepted, diverged=diverged, healed=healed, final_values=values,
-                       final_values_n1=_values(final_n1[1]))  # fmt: skip
-    if not lww and values == ["from-n1", "from-n2"]:
-        context = final[1].get("context")
-        status, _ = _kv(n2, "PUT", "from-n1 and from-n2", context=context)
-        resolved = _kv(n1, r=3)
-        story.step("6. resolve", f"GET -> {_shown(_values(resolved[1]))}",
-                   f"PUT 'from-n1 and from-n2' with the context -> {status}")
-        story.facts["resolved"] = _values(resolved[1]) == ["from-n1 and from-n2"]
-    story.out("")
-
-    if not (both_accepted and diverged and healed):
-        story.say(f"Unexpected for ap: {story.facts}")
-        return False
-    if lww:
-        kept = values[0] if len(values) == 1 else None
-        lost = {"from-n1", "from-n2"} - {kept}
-        story.facts["lost"] = sorted(lost)
-        if kept in ("from-n1", "from-n2") and len(lost) == 1:
-            story.say(f"What happened: both sides accepted a write while they could not talk. After the heal the "
-                      f"cluster kept {kept!r}, the one with the later timestamp, and silently dropped "
-                      f"{sorted(lost)[0]!r}, although that write was acknowledged. Available, not consistent: AP, "
-                      "with last-write-wins losing a write.")
+    def verdict(self, story: Story) -> bool:
+        values = self.values
+        if not (self.both_accepted and self.diverged and self.healed):
+            story.say(f"Unexpected for ap: {story.facts}")
+            return False
+        if self.lww:
+            kept = values[0] if len(values) == 1 else None
+            lost = {"from-n1", "from-n2"} - {kept}
+            story.facts["lost"] = sorted(lost)
+            if kept in ("from-n1", "from-n2") and len(lost) == 1:
+                story.say(f"What happened: both sides accepted a write while they could not talk. After the heal the "
+                          f"cluster kept {kept!r}, the one with the later timestamp, and silently dropped "
+                          f"{sorted(lost)[0]!r}, although that write was acknowledged. Available, not consistent: "
+                          "AP, with last-write-wins losing a write.")
+                return True
+            story.say(f"Unexpected for ap with lww: after the heal the key holds {_shown(values)}")
+            return False
+        if values == ["from-n1", "from-n2"] and story.facts.get("resolved"):
+            story.say("What happened: both sides accepted a write while they could not talk, and each side read "
+                      "its own. After the heal a read returns both as siblings: nothing acknowledged was lost, and "
+                      "the client decides (here by writing a merge with the context it read). Available, not "
+                      "consistent: AP. (The writes during the cut asked for w=1: n1 alone holds one of the "
+                      "three copies; with the default W=2 it would answer 503, since a 3-node cluster has "
+                      "no spare node to stand in for the unreachable ones.)")
             return True
-        story.say(f"Unexpected for ap with lww: after the heal the key holds {_shown(values)}")
+        story.say(f"Unexpected for ap: after the heal the key holds {_shown(values)}")
         return False
-    if values == ["from-n1", "from-n2"] and story.facts.get("resolved"):
-        story.say("What happened: both sides accepted a write while they could not talk, and each side read "
-                  "its own. After the heal a read returns both as siblings: nothing acknowledged was lost, and "
-                  "the client decides (here by writing a merge with the context it read). Available, not "
-                  "consistent: AP. (The writes during the cut asked for w=1: n1 alone holds one of the "
-                  "three copies; with the default W=2 it would answer 503, since a 3-node cluster has "
-                  "no spare node to stand in for the unreachable ones.)")
-        return True
-    story.say(f"Unexpected for ap: after the heal the key holds {_shown(values)}")
-    return False
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -309,10 +347,8 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         cluster = create_cluster(args.network, base, nodes=3, mode=args.mode, engine=args.engine, sync="never",
                                  extra_args=extra, name=f"demo-{args.mode}")  # fmt: skip
         nemesis = Nemesis(cluster)
-        if args.mode == "cp":
-            ok = run_cp(cluster, nemesis, story)
-        else:
-            ok = run_ap(cluster, nemesis, story, lww=args.conflicts == "lww")
+        script = CPScript() if args.mode == "cp" else APScript(lww=args.conflicts == "lww")
+        ok = run_partition(cluster, nemesis, story, script)
     except Exception as error:  # noqa: BLE001 - the demo reports and exits non-zero
         out(f"capkv demo: {type(error).__name__}: {error}")
         ok = False

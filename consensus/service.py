@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import os
@@ -91,6 +92,10 @@ class ServiceLimits:
     # A barrier that is not applied in this long fails its readers (503); they retry
     # with a new one while their own timeout lasts.
     barrier_timeout_s: float = 5.0
+    # Read barriers in flight at once (reads.py): a read that arrives while one is in
+    # flight gets its own instead of waiting for that one to finish first (measured at
+    # 64 clients: 1 -> ~1 000 lin gets/s, 2 -> ~1 500-1 600, 4 -> ~1 850).
+    max_read_barriers_in_flight: int = 4
     # Back-off between retries of a write that was not applied (no leader yet, ...).
     retry_backoff_min_s: float = 0.02
     retry_backoff_max_s: float = 0.5
@@ -120,6 +125,31 @@ def create_service(
 ) -> "ConsensusService":
     """The entry point the HTTP layer and CLI call. Nothing starts until `start()`."""
     return ConsensusService(config, raft_options=raft_options, limits=limits, state_machine_limits=state_machine_limits)
+
+
+class _Slot:
+    """`async with`: one of the service's in-flight slots, waited for until `deadline`
+    (503 past it). A plain class, not one built per request: that cost ~20 µs a write."""
+
+    __slots__ = ("_slots", "_deadline")
+
+    def __init__(self, slots: asyncio.Semaphore, deadline: float) -> None:
+        self._slots = slots
+        self._deadline = deadline
+
+    async def __aenter__(self) -> None:
+        slots = self._slots
+        if not slots.locked():
+            await slots.acquire()  # free slot: does not wait
+            return
+        remaining = self._deadline - asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait_for(slots.acquire(), max(remaining, 0.001))
+        except asyncio.TimeoutError:
+            raise Unavailable("too many requests in flight on this node", reason="overloaded") from None
+
+    async def __aexit__(self, *exc) -> None:
+        self._slots.release()
 
 
 class ConsensusService:
@@ -156,6 +186,8 @@ class ConsensusService:
         self._hub: WatchHub | None = None
         self._lessor = Lessor()
         self._lease_task: asyncio.Task | None = None
+        self._request_id_tag = uuid.uuid4().hex[:16]
+        self._request_ids = itertools.count(1)
         self._started = False
         self._stopped = False
         self._counters = dict.fromkeys(
@@ -202,7 +234,7 @@ class ConsensusService:
         loop = asyncio.get_running_loop()
         self._bridge = Bridge(loop)
         self._slots = asyncio.Semaphore(self.limits.max_in_flight)
-        self._barrier = ReadBarrier(self._propose_barrier)
+        self._barrier = ReadBarrier(self._propose_barrier, self.limits.max_read_barriers_in_flight)
         self._hub = WatchHub(loop, self._sm, WatchLimits(), on_leases=self._on_leases)
         self._lessor.load(self._sm.leases(), loop.time())
         self._sm.listener = self._hub.on_apply
@@ -289,7 +321,9 @@ class ConsensusService:
 
     def _request_id(self, request_id: Any) -> str:
         if request_id is None:
-            return f"{self.node_id}:{uuid.uuid4().hex}"
+            # Unique without a uuid4 per write: a random tag per service instance (a
+            # restart draws a new one) and a counter.
+            return f"{self.node_id}:{self._request_id_tag}:{next(self._request_ids)}"
         if not isinstance(request_id, str) or not request_id or len(request_id.encode()) > self.sm_limits.max_request_id_bytes:
             raise InvalidRequest(
                 f"request_id must be 1 to {self.sm_limits.max_request_id_bytes} bytes of text", code="invalid_request_id"
@@ -375,24 +409,8 @@ class ConsensusService:
             )
         raise Unavailable(f"the write was not applied: {reason}", reason=reason)
 
-    def _slot(self, deadline: float):
-        service = self
-
-        class _Slot:
-            async def __aenter__(self):
-                if not service._slots.locked():
-                    await service._slots.acquire()  # free slot: does not wait
-                    return
-                remaining = deadline - asyncio.get_running_loop().time()
-                try:
-                    await asyncio.wait_for(service._slots.acquire(), max(remaining, 0.001))
-                except asyncio.TimeoutError:
-                    raise Unavailable("too many requests in flight on this node", reason="overloaded") from None
-
-            async def __aexit__(self, *exc):
-                service._slots.release()
-
-        return _Slot()
+    def _slot(self, deadline: float) -> "_Slot":
+        return _Slot(self._slots, deadline)
 
     def _raise_for(self, result: dict) -> None:
         error = result.get("error")
@@ -410,6 +428,11 @@ class ConsensusService:
             raise PreconditionFailed(message, code="lease_exists", lease_id=result.get("lease_id"))
         if error == "compacted":
             raise Compacted(message, compact_revision=result.get("compact_revision", self._sm.compact_revision))
+        if error == "responses_unavailable":
+            # The txn was applied (at `revision`) by an earlier attempt with this request id,
+            # but its responses were cut from the bounded retry cache: 410, like a compacted
+            # revision, with what is still known.
+            raise Compacted(message, code=error, revision=result.get("revision"), succeeded=result.get("succeeded"))
         if error == "replica_failed":
             raise Unavailable(message, reason="replica_failed")
         if error.startswith("invalid_") or error in ("too_many_keys", "too_many_leases", "unsupported_command_version"):

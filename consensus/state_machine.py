@@ -47,6 +47,7 @@ replay skips the entries at or below it (as etcd's consistent_index does).
 """
 from __future__ import annotations
 
+import base64
 import collections
 import dataclasses
 import hashlib
@@ -115,6 +116,13 @@ class StateMachineLimits:
     max_request_ids: int = 10_000
     # ...and an id older than this many log entries is forgotten even if there is room.
     request_id_max_age_entries: int = 1_000_000
+    # A retried txn must answer what the first attempt would have (its get responses and
+    # previous values), so its whole result is kept with its id: one result up to this
+    # size (JSON, values in base64)...
+    max_request_result_bytes: int = 256 * 1024
+    # ...and all kept results together up to this; past it the oldest are cut down to
+    # their outcome, and a retry of one of those is refused (`responses_unavailable`).
+    max_request_results_bytes: int = 8 * 1024 * 1024
     # A range delete is one atomic engine batch of about three rows per key.
     max_delete_keys: int = 10_000
     # ...and each deleted key is written about three times into that batch.
@@ -128,6 +136,11 @@ class StateMachineLimits:
     max_request_id_bytes: int = 256
     # Each lease is a row and a timer on every node.
     max_leases: int = 100_000
+    # A lease's keys are all deleted in one apply, one engine batch and one watch batch
+    # when it is revoked or expires (one revision, as etcd): attaching more than this many
+    # keys to one lease is refused, so that apply costs no more than the largest range
+    # delete (`max_delete_keys`), and the tick thread that runs it keeps heartbeating.
+    max_lease_keys: int = 10_000
     # etcd's limit on a lease's TTL (MaxLeaseTTL, 9 000 000 000 s) is needlessly large.
     max_lease_ttl_s: int = 10 * 365 * 24 * 3600
     # Ops per list (compare, success, failure) of one txn, etcd's default (--max-txn-ops).
@@ -248,10 +261,28 @@ class _RemembersRequests:
     """Request id -> (log index, fingerprint, first result), bounded by count and age.
 
     The oldest ids are forgotten first (the dict keeps insertion order, which is log order).
+    A txn result that carries data (get responses, previous values) is kept whole, marked
+    `_KEPT`, while all of those fit `max_request_results_bytes`; `kept` accounts for them,
+    oldest first, and is derived from `entries` alone, so every replica, restarted or
+    installed from a snapshot, cuts down the same results at the same log index.
     """
 
     def __init__(self) -> None:
         self.entries: "collections.OrderedDict[str, tuple[int, str, dict]]" = collections.OrderedDict()
+        self.kept: dict[str, int] = {}  # request id -> stored bytes of a whole result, log order
+        self.kept_bytes = 0
+
+    def recount(self) -> None:
+        self.kept = {rid: len(_encode_request(rid, fp, result))
+                     for rid, (_, fp, result) in self.entries.items() if result.get(_KEPT)}  # fmt: skip
+        self.kept_bytes = sum(self.kept.values())
+
+    def keep(self, request_id: str, size: int) -> None:
+        self.kept[request_id] = size
+        self.kept_bytes += size
+
+    def unkeep(self, request_id: str) -> None:
+        self.kept_bytes -= self.kept.pop(request_id, 0)
 
 
 class KVStateMachine:
@@ -281,6 +312,7 @@ class KVStateMachine:
         self.revision = 1
         self.compact_revision = 0
         self._requests = _RemembersRequests()
+        self._lease_key_counts: dict[int, int] = {}  # lease id -> keys attached (from the `a` rows)
         # Called on the apply thread after each command that changed keys, leases or members:
         # listener(revision, [WatchEvent with prev], notices), a notice being
         # ("refresh" | "gone", lease id, ttl, log index) or ("member" | "step_down", member id, 0, log index).
@@ -310,6 +342,8 @@ class KVStateMachine:
             index = _U64.unpack(row_key[1:])[0]
             request_id, fingerprint, result = _decode_request(row)
             entries[request_id] = (index, fingerprint, result)
+        self._requests.recount()
+        self._count_lease_keys()
 
     def _wipe(self) -> None:
         while True:
@@ -382,6 +416,8 @@ class KVStateMachine:
             result = self._lease_op(op, command, batch)
         rows = batch.finish(result)
         self._commit(index, rows, request_id, fingerprint, result)
+        if batch.lease_key_changes and "error" not in result:
+            self._apply_lease_key_changes(batch.lease_key_changes)
         if batch.events or batch.lease_changes:
             listener = self.listener
             if listener is not None:
@@ -394,6 +430,8 @@ class KVStateMachine:
             raise CommandError(
                 "invalid_request_id", "this request_id was already used by a different write; use a new one"
             )
+        if "responses" in first_result:
+            return self._repeat_txn(command, first_result)
         result = dict(first_result)
         result["duplicate"] = True
         # The stored result leaves out previous values (they can be large); they are the
@@ -406,6 +444,32 @@ class KVStateMachine:
             elif result.get("deleted"):
                 items = self._read_history_range(command["key"], command.get("end"), revision - 1, None, False)
                 result["prev"] = [_kv_to_dict(kv) for kv in items]
+        return result
+
+    def _repeat_txn(self, command: dict, first_result: dict) -> dict:
+        """A retried txn answers its first result whole, or, when that was too large to
+        keep, says what is known: it applied at revision R; its responses are gone.
+
+            txn [put a=1, get a] request_id r -> {"succeeded": True, "revision": 7, "responses": [...]}
+            same again                        -> the same, plus "duplicate": True (applied once)
+            same again, result cut down       -> {"error": "responses_unavailable", "revision": 7, ...}
+        """
+        if first_result.get(_KEPT):
+            result = _from_stored(first_result)
+            del result[_KEPT]
+        elif first_result.get(_DROPPED) or _has_omitted(first_result):
+            revision, succeeded = first_result.get("revision"), bool(first_result.get("succeeded"))
+            return _error(
+                "responses_unavailable",
+                f"request {command.get('request_id')!r} was already applied at revision {revision} "
+                f"({'compare held' if succeeded else 'compare failed'}); its responses were too large to keep "
+                "for a retry; read the keys again",
+                revision=revision,
+                succeeded=succeeded,
+            )
+        else:
+            result = _from_stored(first_result)  # nothing was left out: puts and deletes without prev
+        result["duplicate"] = True
         return result
 
     def _check_key(self, key: Any, name: str = "key") -> bytes:
@@ -439,7 +503,11 @@ class KVStateMachine:
                 mod_revision=current_mod,
                 revision=self.revision,
             )
+        if lease and (current is None or current.lease != lease):
+            self._attach(lease, batch)
         old = batch.put(key, value, lease)
+        if old is not None and old.lease and old.lease != lease:
+            batch.lease_key_changes[old.lease] = batch.lease_key_changes.get(old.lease, 0) - 1
         result = {"revision": batch.revision, "created": old is None, "prev": None}
         if command.get("prev") and old is not None:
             result["prev"] = _kv_to_dict(old.to_kv(key))
@@ -481,6 +549,9 @@ class KVStateMachine:
                 raise CommandError("invalid_if_mod_revision", "if_mod_revision applies to a single key, not a range")
             victims = batch.range(key, end, self.limits.max_delete_keys)
         batch.delete(victims)
+        for _, record in victims:
+            if record.lease:
+                batch.lease_key_changes[record.lease] = batch.lease_key_changes.get(record.lease, 0) - 1
         result = {"revision": batch.revision if victims else self.revision, "deleted": len(victims), "prev": []}
         if command.get("prev"):
             result["prev"] = [_kv_to_dict(record.to_kv(k)) for k, record in victims]
@@ -606,9 +677,39 @@ class KVStateMachine:
             if record is not None:
                 victims.append((key, record))
         batch.delete(victims)
+        batch.lease_key_changes[lease_id] = None  # gone with the lease
         batch.rows.append(("delete", _lease_key(lease_id), None))
         batch.lease_changes.append(("gone", lease_id, 0, batch.index))
         return {"revision": batch.revision if victims else self.revision, "deleted": len(victims), "expired": True}
+
+    def _attach(self, lease_id: int, batch: "_Batch") -> None:
+        """Count one more key on the lease in this batch; refuse past `max_lease_keys`."""
+        change = batch.lease_key_changes.get(lease_id, 0) or 0
+        if self._lease_key_counts.get(lease_id, 0) + change >= self.limits.max_lease_keys:
+            raise CommandError(
+                "too_many_keys",
+                f"lease {lease_id} has {self.limits.max_lease_keys} keys attached already; attach more keys to "
+                "another lease (all keys of a lease are deleted in one revision when it ends)",
+            )
+        batch.lease_key_changes[lease_id] = change + 1
+
+    def _apply_lease_key_changes(self, changes: dict) -> None:
+        counts = self._lease_key_counts
+        for lease_id, change in changes.items():
+            left = 0 if change is None else counts.get(lease_id, 0) + change
+            if left:
+                counts[lease_id] = left
+            else:
+                counts.pop(lease_id, None)
+
+    def _count_lease_keys(self) -> dict[int, int]:
+        """Keys attached per lease, from the `a` rows (at load and after a snapshot install)."""
+        counts: dict[int, int] = {}
+        for row_key, _ in self.engine.scan(_ATTACHED, _ATTACHED + b"\xff"):
+            lease_id = _U64.unpack_from(row_key, 1)[0]
+            counts[lease_id] = counts.get(lease_id, 0) + 1
+        self._lease_key_counts = counts
+        return counts
 
     def _lease_count(self) -> int:
         return sum(1 for _ in self.engine.scan(_LEASES, _LEASES + b"\xff", limit=self.limits.max_leases))
@@ -774,18 +875,36 @@ class KVStateMachine:
         revision = result["revision"] if rows else self.revision
         evicted: list[str] = []
         if request_id is not None:
-            stored = _storable(result)
-            rows.append(("put", _DEDUPE + _U64.pack(index), _encode_request(request_id, fingerprint, stored)))
-            entries = self._requests.entries
+            stored = _stored_result(result, self.limits.max_request_result_bytes)
+            row = _encode_request(request_id, fingerprint, stored)
+            kept_size = len(row) if stored.get(_KEPT) else 0
+            if kept_size > self.limits.max_request_result_bytes:
+                stored, kept_size = _outcome_only(result), 0
+                row = _encode_request(request_id, fingerprint, stored)
+            rows.append(("put", _DEDUPE + _U64.pack(index), row))
+            requests = self._requests
+            entries = requests.entries
             entries[request_id] = (index, fingerprint, stored)
+            if kept_size:
+                requests.keep(request_id, kept_size)
             oldest_allowed = index - self.limits.request_id_max_age_entries
             while entries:
                 old_id, (old_index, _, _) = next(iter(entries.items()))
                 if len(entries) <= self.limits.max_request_ids and old_index >= oldest_allowed:
                     break
                 del entries[old_id]
+                requests.unkeep(old_id)
                 evicted.append(old_id)
                 rows.append(("delete", _DEDUPE + _U64.pack(old_index), None))
+            # Whole results over the budget: the oldest keep only their outcome (the row is
+            # rewritten in this batch, so a restart or a snapshot sees the same cut).
+            while requests.kept_bytes > self.limits.max_request_results_bytes:
+                old_id = next(iter(requests.kept))
+                requests.unkeep(old_id)
+                old_index, old_fingerprint, old_result = entries[old_id]
+                reduced = _outcome_only(old_result)
+                entries[old_id] = (old_index, old_fingerprint, reduced)
+                rows.append(("put", _DEDUPE + _U64.pack(old_index), _encode_request(old_id, old_fingerprint, reduced)))
         rows.append(("put", _META_KEY, _META.pack(index, revision, self.compact_revision)))
         with self.lock:
             self._sequence += 1
@@ -1002,6 +1121,8 @@ class KVStateMachine:
                 self.engine.sync()
                 self.applied_index, self.revision, self.compact_revision = index, revision, compact_revision
                 self._requests.entries = requests
+                self._requests.recount()
+                self._count_lease_keys()
                 self._compact_pending = compact_revision > 0
                 self._compact_cursor = None
                 self.failed = None
@@ -1029,6 +1150,11 @@ class KVStateMachine:
         assert len(self._requests.entries) <= self.limits.max_request_ids
         indexes = [index for index, _, _ in self._requests.entries.values()]
         assert indexes == sorted(indexes), "request ids out of log order"
+        kept = {rid: len(_encode_request(rid, fp, r)) for rid, (_, fp, r) in self._requests.entries.items() if r.get(_KEPT)}
+        assert kept == self._requests.kept and sum(kept.values()) == self._requests.kept_bytes, "kept results drifted"
+        assert self._requests.kept_bytes <= self.limits.max_request_results_bytes
+        counts = self._lease_key_counts
+        assert self._count_lease_keys() == counts, "attached-key counts drifted from the `a` rows"
         # Every current record is the newest history row of its key.
         for row_key, data in self.engine.scan(_CURRENT, _CURRENT + b"\xff"):
             key = dec(row_key[1:])
@@ -1138,6 +1264,7 @@ class _Batch:
         self.changed: list[bytes] = []
         self.events: list[WatchEvent] = []
         self.lease_changes: list[tuple] = []
+        self.lease_key_changes: dict[int, int | None] = {}  # lease id -> keys attached (+) or detached (-); None: revoked
 
     @property
     def written(self) -> bool:
@@ -1310,8 +1437,83 @@ def _storable(result: dict) -> dict:
 def _storable_response(response: dict) -> dict:
     out = _storable(response)
     if response.get("op") == "get":
-        out["omitted"] = True  # a retried txn answers its reads empty (documented)
+        out["omitted"] = True  # the items were left out (rows written before results were kept)
     return out
+
+
+_KEPT = "_kept"  # a request-id row holds this txn's whole result (values as {"$b": base64})
+_DROPPED = "_dropped"  # ...holds only its outcome: a retry is answered `responses_unavailable`
+_BYTES_TAG = "$b"
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _stored_result(result: dict, max_bytes: int) -> dict:
+    """What a request-id row keeps of a first result (JSON-able; the caller checks the
+    encoded size of a whole one, marked `_KEPT`, against `max_bytes`).
+
+    Puts, deletes, leases: the outcome without previous values (a retry reads those from
+    history). A txn: the whole result; when its responses carry data (gets, previous
+    values), only if its JSON fits `max_bytes`, else the outcome only, marked `_DROPPED`.
+    """
+    if "responses" not in result or "error" in result:
+        return _storable(result)
+    if not _carries_data(result):
+        return _to_stored(result, [float("inf")])  # no values in it: as small as the command
+    try:
+        whole = _to_stored(result, [max_bytes])
+    except _TooLarge:
+        return _outcome_only(result)
+    whole[_KEPT] = True
+    return whole
+
+
+def _outcome_only(result: dict) -> dict:
+    out = _storable(result)
+    out.pop(_KEPT, None)
+    out[_DROPPED] = True
+    return out
+
+
+def _carries_data(result: dict) -> bool:
+    for response in result.get("responses") or []:
+        if response.get("op") == "get" or response.get("prev") or _carries_data(response):
+            return True
+    return False
+
+
+def _has_omitted(result: dict) -> bool:
+    return any(r.get("omitted") or _has_omitted(r) for r in result.get("responses") or [])
+
+
+_PLAIN = frozenset((int, bool, str, float, type(None)))  # stored as they are
+
+
+def _to_stored(value: Any, budget: list) -> Any:
+    """`value` with bytes as {"$b": base64}; raises _TooLarge once the bytes seen exceed
+    the budget (so a huge range is not encoded only to be dropped)."""
+    if isinstance(value, bytes):
+        budget[0] -= (len(value) + 2) // 3 * 4
+        if budget[0] < 0:
+            raise _TooLarge
+        return {_BYTES_TAG: base64.b64encode(value).decode()}
+    if isinstance(value, dict):
+        return {name: item if type(item) in _PLAIN else _to_stored(item, budget) for name, item in value.items()}
+    if isinstance(value, list):
+        return [item if type(item) in _PLAIN else _to_stored(item, budget) for item in value]
+    return value
+
+
+def _from_stored(value: Any) -> Any:
+    if isinstance(value, dict):
+        if len(value) == 1 and _BYTES_TAG in value:
+            return base64.b64decode(value[_BYTES_TAG])
+        return {name: _from_stored(item) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_from_stored(item) for item in value]
+    return value
 
 
 def make_member(op: str, member_id: str, *, client_url: str = "", peer_address: str = "") -> dict:

@@ -50,8 +50,11 @@ async def bounded(call: Awaitable[Any], timeout: float, request: web.Request, *,
     """Await a service call for at most `timeout` + grace; then answer for the service."""
     limit = timeout + limits_of(request).timeout_grace_seconds
     try:
-        return await asyncio.wait_for(call, limit)
-    except asyncio.TimeoutError:
+        # asyncio.timeout, not wait_for: wait_for wraps the call in a Task of its own,
+        # which costs every request a task and a loop iteration.
+        async with asyncio.timeout(limit):
+            return await call
+    except TimeoutError:
         if write:
             raise OutcomeUnknown(
                 f"no answer within {timeout * 1000:.0f} ms; the write may or may not have been applied "

@@ -105,6 +105,15 @@ async def test_concurrent_reads_share_barriers(cluster):
 
 async def test_cluster_status_names_the_leader(cluster):
     leader = await cluster.wait_leader()
+    # A leader needs a majority only: the last link may still be connecting.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while True:
+        statuses = [await s.status() for s in cluster.running()]
+        if all(m["reachable"] for status in statuses for m in status["members"]):
+            break
+        assert loop.time() < deadline, "some member stayed unreachable"
+        await asyncio.sleep(0.05)
     for service in cluster.running():
         status = await service.status()
         assert status["mode"] == "cp" and status["node"] == service.node_id and status["leader"] == leader
@@ -198,10 +207,15 @@ async def test_restart_after_a_snapshot_and_catch_up_of_an_empty_node(tmp_path, 
     await c.start()
     leader = await c.wait_leader()
     await _write_some(c.services[leader], b"a", 40)
-    for service in c.running():
-        service.force_snapshot()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10
+    # A write is acknowledged once the leader applied it; followers learn its commit a
+    # moment later. Snapshot only once every node holds all 40.
+    while not all(s.state_machine.revision >= 41 for s in c.running()):
+        assert loop.time() < deadline, "followers did not apply the writes"
+        await asyncio.sleep(0.02)
+    for service in c.running():
+        service.force_snapshot()
     while not all(s.metrics()["raft_snapshots_written"] >= 1 for s in c.running()):
         assert loop.time() < deadline, "snapshots were not written"
         await asyncio.sleep(0.05)

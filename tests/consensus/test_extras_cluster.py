@@ -235,3 +235,44 @@ async def test_membership_grow_to_four_and_remove_the_leader_under_writes(tmp_pa
             await survivor.remove_member(leader)
     finally:
         await cluster.stop()
+
+
+async def test_a_retried_txn_gets_its_first_answer_or_a_410_once_the_answer_is_cut(tmp_path):
+    """A client retrying a txn with the same request id (after a timeout, say) gets the
+    first attempt's responses; when those were too large for the bounded retry cache, it
+    gets 410 `responses_unavailable` naming the revision it was applied at, and nothing is
+    applied twice."""
+    from consensus.service import create_service
+    from consensus.state_machine import StateMachineLimits
+
+    (config,) = make_configs(str(tmp_path), 1, sync="never")
+    service = create_service(config, state_machine_limits=StateMachineLimits(max_request_result_bytes=2048))
+    await service.start()
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while True:
+            try:
+                await service.put(b"small", b"s")
+                break
+            except Exception:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        await service.put(b"big", b"x" * 4096)
+        ops = [TxnOp("put", b"counter", b"1"), TxnOp("get", b"small")]
+        first = await service.txn([], ops, [], request_id="retry-small")
+        again = await service.txn([], ops, [], request_id="retry-small")
+        assert again.revision == first.revision and again.responses == first.responses
+        assert first.responses[1].items[0].value == b"s"
+
+        big_ops = [TxnOp("put", b"counter", b"2"), TxnOp("get", b"big")]
+        applied = await service.txn([], big_ops, [], request_id="retry-big")
+        with pytest.raises(Compacted) as refused:
+            await service.txn([], big_ops, [], request_id="retry-big")
+        assert refused.value.code == "responses_unavailable"
+        assert refused.value.details["revision"] == applied.revision
+        kv, _ = await service.get(b"counter")
+        assert kv.mod_revision == applied.revision and kv.value == b"2"  # applied once
+    finally:
+        await service.stop()

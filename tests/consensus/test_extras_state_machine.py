@@ -199,3 +199,150 @@ def test_physical_compaction_is_incremental_and_ends_where_a_full_one_would():
         logs[1](make_put(b"z", b"1"))
     assert list(small.engine.scan()) == list(full.engine.scan())
     assert small.get(b"a", small.compact_revision)[0].value == b"5"
+
+
+# --- a retried txn (same request id) ---------------------------------------------------------
+
+
+def get(key, end=None):
+    return {"op": "get", "key": key, "end": end}
+
+
+def test_retried_txn_returns_the_first_result_whole_and_applies_once(sm, log):
+    seen = []
+    sm.listener = lambda revision, events, leases: seen.append(revision)
+    log(make_put(b"a", b"old\x00\xff"))  # not UTF-8: values travel as bytes, not text
+    txn = make_txn([cmp(b"a", "value", "==", b"old\x00\xff")],
+                   [get(b"a"), put(b"a", b"new", prev=True), put(b"b", b"x"), get(b"a", b"c"),
+                    {"op": "txn", "compare": [], "success": [get(b"b")], "failure": []}],
+                   [], request_id="t1")  # fmt: skip
+    first = log(txn)
+    assert first["succeeded"] and [len(r["items"]) for r in first["responses"] if r["op"] == "get"] == [1, 2]
+    assert first["responses"][0]["items"][0]["value"] == b"old\x00\xff", "a get before the put sees the old value"
+    revision, events_before = sm.revision, len(seen)
+    log(make_put(b"a", b"later"))  # the store moves on; the retry still answers as the first attempt
+    again = log(txn)
+    assert again == {**first, "duplicate": True}
+    assert sm.revision == revision + 1 and len(seen) == events_before + 1, "the retry applied nothing"
+    assert sm.get(b"a")[0].version == 3 and sm.get(b"b")[0].version == 1
+    reopened = KVStateMachine(sm.engine)  # the result is in the request-id row, not only in memory
+    assert Log(reopened, log.index + 1)(txn) == again
+    source = sm.capture_snapshot()  # ...and in snapshots
+    rows = list(source.rows())
+    source.done()
+    other = KVStateMachine(open_engine("memory"))
+    other.install_snapshot(log.index, sm.revision, sm.compact_revision, iter(rows))
+    assert Log(other, log.index + 1)(txn) == again
+
+
+def test_retried_txn_whose_result_was_too_large_to_keep_says_where_it_applied():
+    from consensus.state_machine import StateMachineLimits
+
+    sm = KVStateMachine(open_engine("memory"), StateMachineLimits(max_request_result_bytes=2_000,
+                                                                  max_request_results_bytes=5_000))  # fmt: skip
+    log = Log(sm)
+    log(make_put(b"big", b"v" * 3_000))
+    big = make_txn([], [put(b"x", b"1"), get(b"big")], [], request_id="big")
+    first = log(big)
+    assert first["responses"][1]["items"][0]["value"] == b"v" * 3_000
+    refused = log(big)
+    assert refused["error"] == "responses_unavailable" and refused["revision"] == first["revision"]
+    assert f"applied at revision {first['revision']}" in refused["message"] and refused["succeeded"] is True
+    assert sm.get(b"x")[0].version == 1, "applied once"
+    # Results that fit are kept until all of them pass the budget; then the oldest are cut down.
+    log(make_put(b"mid", b"m" * 1_000))
+    small = [make_txn([], [put(b"s%d" % i, b"1"), get(b"mid")], [], request_id=f"s{i}") for i in range(4)]
+    firsts = [log(txn) for txn in small]
+    assert len(sm._requests.kept) == 3 and sm._requests.kept_bytes <= 5_000
+    assert log(small[0])["error"] == "responses_unavailable"
+    for txn, first in zip(small[1:], firsts[1:]):
+        assert log(txn) == {**first, "duplicate": True}
+    reopened = KVStateMachine(sm.engine)
+    assert reopened._requests.kept == sm._requests.kept
+    # A txn without gets or previous values loses nothing when cut down: it is always answered.
+    plain = make_txn([], [put(b"p", b"1"), {"op": "delete", "key": b"zz", "end": None}], [], request_id="plain")
+    first_plain = log(plain)
+    assert log(plain) == {**first_plain, "duplicate": True}
+
+
+# --- a lease's keys are bounded, so its revoke (one revision) is too ---------------------------
+
+
+def test_a_lease_holds_at_most_max_lease_keys_and_its_revoke_deletes_them_at_one_revision():
+    from consensus.state_machine import StateMachineLimits
+
+    sm = KVStateMachine(open_engine("memory"), StateMachineLimits(max_lease_keys=5))
+    log = Log(sm)
+    seen = []
+    sm.listener = lambda revision, events, leases: seen.append((revision, events))
+    log(make_lease("lease_grant", 7, ttl=10))
+    for i in range(5):
+        log(make_put(b"k%d" % i, b"v", lease=7))
+    log(make_put(b"k0", b"again", lease=7))  # already attached: does not count twice
+    revision = sm.revision
+    refused = log(make_put(b"k5", b"v", lease=7))
+    assert refused["error"] == "too_many_keys" and "lease 7 has 5 keys" in refused["message"]
+    txn = log(make_txn([], [put(b"free", b"1"), put(b"k5", b"v", lease=7)], []))
+    assert txn["error"] == "too_many_keys" and sm.get(b"free")[0] is None and sm.revision == revision
+    log(make_put(b"k0", b"off the lease"))  # moving a key off the lease frees its place...
+    log(make_put(b"k5", b"v", lease=7))
+    log({"v": 1, "op": "delete", "key": b"k1", "end": None, "request_id": None})  # ...and so does deleting it
+    log(make_txn([], [put(b"k6", b"v", lease=7)], []))
+    assert log(make_put(b"k7", b"v", lease=7))["error"] == "too_many_keys"
+    assert KVStateMachine(sm.engine)._lease_key_counts == {7: 5}, "the count is rebuilt from the engine"
+    result = log(make_lease("lease_revoke", 7))
+    assert result["deleted"] == 5 and sm._lease_key_counts == {}
+    revision, events = seen[-1]
+    assert revision == result["revision"] and sorted(e.kv.key for e in events) == [b"k2", b"k3", b"k4", b"k5", b"k6"]
+    assert {e.type for e in events} == {"delete"} and sm.get(b"k0")[0].value == b"off the lease"
+
+
+async def test_a_watcher_gets_every_delete_of_a_revoked_lease_in_one_revision():
+    import asyncio
+
+    from consensus.state_machine import StateMachineLimits
+    from consensus.watch import WatchHub, WatchLimits
+
+    keys = 2_000
+    sm = KVStateMachine(open_engine("memory"), StateMachineLimits(max_lease_keys=keys))
+    hub = WatchHub(asyncio.get_running_loop(), sm, WatchLimits(queue_batches=2, replay_batch_events=100))
+    sm.listener = hub.on_apply
+    index = 1
+    for command in [make_lease("lease_grant", 9, ttl=10)] + [make_put(b"l/%05d" % i, b"v", lease=9) for i in range(keys)]:
+        index += 1
+        assert "error" not in sm.apply(command, index)
+    assert sm.apply(make_put(b"l/over", b"v", lease=9), index + 1)["error"] == "too_many_keys"
+    watch = hub.watch(b"l/", b"l0", start_revision=None, prev=True, progress_interval=60)
+    first = asyncio.ensure_future(watch.__anext__())
+    await asyncio.sleep(0.05)  # registered, replayed (nothing yet), following live events
+    revoked = sm.apply(make_lease("lease_revoke", 9), index + 2)
+    batch = await asyncio.wait_for(first, 10)
+    assert batch.revision == revoked["revision"] and not batch.canceled
+    assert len(batch.events) == keys and {e.type for e in batch.events} == {"delete"}
+    assert all(e.prev is not None and e.prev.value == b"v" for e in batch.events)
+    await watch.aclose()
+    sm._check()
+
+
+@pytest.mark.slow
+def test_revoking_a_lease_with_the_most_keys_allowed_is_one_bounded_apply():
+    import time
+    import tracemalloc
+
+    sm = KVStateMachine(open_engine("memory"))
+    keys = sm.limits.max_lease_keys
+    sm.apply(make_lease("lease_grant", 3, ttl=10), 2)
+    for i in range(keys):
+        sm.apply(make_put(b"l/%06d" % i, b"x" * 100, lease=3), 3 + i)
+    assert sm.apply(make_put(b"l/over", b"x", lease=3), 3 + keys)["error"] == "too_many_keys"
+    seen = []
+    sm.listener = lambda revision, events, leases: seen.append(len(events))
+    tracemalloc.start()
+    started = time.process_time()
+    result = sm.apply(make_lease("lease_revoke", 3), 4 + keys)
+    cpu_s = time.process_time() - started
+    peak_bytes = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print(f"revoke of {keys} keys: {cpu_s:.2f} s CPU (traced), peak {peak_bytes / 2**20:.1f} MiB")
+    assert result["deleted"] == keys and seen == [keys]
+    assert peak_bytes < 64 * 2**20, "the apply's structures are a few KiB per key at most"

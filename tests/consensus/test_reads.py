@@ -98,6 +98,7 @@ async def test_a_reader_that_gives_up_does_not_cancel_the_shared_barrier():
     log = FakeLog()
     barrier = ReadBarrier(log.propose)
     impatient = asyncio.ensure_future(asyncio.wait_for(barrier.wait(), 0.01))
+    await settle()
     patient = asyncio.ensure_future(barrier.wait())
     await asyncio.sleep(0.05)
     assert impatient.done() and isinstance(impatient.exception(), asyncio.TimeoutError)
@@ -120,4 +121,49 @@ async def test_concurrent_reads_cost_at_most_two_barriers_per_round():
 
     barrier = ReadBarrier(propose)
     await asyncio.gather(*(barrier.wait() for _ in range(1000)))
-    assert proposals == 2
+    # All arrive before the first barrier's task runs, so they all join it.
+    assert proposals == 1
+
+
+async def test_reads_join_a_barrier_until_it_is_proposed_and_never_after():
+    log = FakeLog()
+    barrier = ReadBarrier(log.propose)
+    a = asyncio.ensure_future(barrier.wait())
+    b = asyncio.ensure_future(barrier.wait())  # same loop turn: B1 is not proposed yet
+    await settle()
+    c = asyncio.ensure_future(barrier.wait())  # B1 proposed: c needs B2
+    await settle()
+    assert len(log.proposed) == 1
+    log.commit_next()
+    await settle()
+    assert a.done() and b.done() and not c.done()
+    log.commit_next()
+    await settle()
+    assert c.done() and barrier.barriers == 2
+
+
+async def test_a_pipeline_of_barriers_gives_a_late_read_its_own():
+    log = FakeLog()
+    barrier = ReadBarrier(log.propose, max_in_flight=2)
+    early = asyncio.ensure_future(barrier.wait())
+    await settle()
+    log.committed = 1  # a write completes after B1 was proposed, before `late` arrives
+    late = asyncio.ensure_future(barrier.wait())
+    await settle()
+    assert len(log.proposed) == 2, "B2 proposed without waiting for B1"
+    latest = [asyncio.ensure_future(barrier.wait()) for _ in range(10)]
+    await settle()
+    assert len(log.proposed) == 2 and barrier.pending() == 3, "pipeline full: the rest queue for B3"
+    barrier._check()
+    log.commit_next()  # B1
+    await settle()
+    assert early.result() == 0 and not late.done()
+    assert len(log.proposed) == 3, "B3 proposed once a slot freed"
+    log.commit_next()  # B2: proposed after the write completed
+    await settle()
+    assert late.result() == 1 and not any(r.done() for r in latest)
+    log.commit_next()
+    await settle()
+    assert all(r.done() for r in latest)
+    barrier._check()
+    assert barrier.pending() == 0 and barrier.barriers == 3
