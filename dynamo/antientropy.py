@@ -77,6 +77,10 @@ class TreeSet:
         self.trees: dict[str, MerkleTree] = {}
         self.ring: Ring | None = None
         self.rebuilds = 0
+        # (tree id, peer) -> wall time at which this node's last *complete* comparison of
+        # that tree with that peer started (roots equal, or an exchange that repaired every
+        # differing key). Tombstone reaping needs one since the tombstone was written.
+        self.synced: dict[tuple[str, str], float] = {}
 
     def _new_tree(self) -> MerkleTree:
         return MerkleTree(branching=self.branching, depth=self.depth)
@@ -84,6 +88,7 @@ class TreeSet:
     def rebuild(self, ring: Ring, items) -> None:
         """Start over from `items` ((key, object) pairs: the engine's content) on `ring`."""
         self.ring = ring
+        self.synced = {}
         self.trees = {
             tree_id(nodes): self._new_tree() for nodes in ring.replica_sets(self.n) if self.node_id in nodes
         }
@@ -104,6 +109,12 @@ class TreeSet:
         if tree is None:
             tree = self.trees[tree_id(preference)] = self._new_tree()
         tree.set(key, 0 if obj is None else entry_hash(key, version_digest(obj)), hashed)
+
+    def synced_at(self, key: bytes, peer: str) -> float | None:
+        """When the last complete comparison with `peer` of the tree holding `key` started."""
+        if self.ring is None:
+            return None
+        return self.synced.get((tree_id(self.ring.preference_list(key, self.n)), peer))
 
     def pairs(self) -> list[tuple[str, str]]:
         """(tree id, peer) for every tree and every other node of its replica set."""
@@ -210,6 +221,8 @@ class AntiEntropy:
         tree = self.trees.trees.get(tid)
         if tree is None:
             return 0
+        started = self.wall_clock()
+        trees = self.trees.trees
         self.running += 1
         try:
             walk = DiffWalk(tree)
@@ -219,6 +232,7 @@ class AntiEntropy:
                 walk.receive([int(h) for h in reply["hashes"]])
             self._count("aae_exchanges")
             if not walk.segments:
+                self._synced(trees, tid, peer, started)
                 return 0
             self._count("aae_segments_differing", len(walk.segments))
             keys: list[bytes] = []
@@ -230,10 +244,21 @@ class AntiEntropy:
                 keys += diff_entries(tree.entries(chunk), remote)
                 if len(keys) >= self.options.max_keys_per_exchange:
                     keys = keys[: self.options.max_keys_per_exchange]
+                    complete = False
                     break
-            return await self._repair(peer, keys)
+            else:
+                complete = True
+            repaired = await self._repair(peer, keys)
+            if complete:
+                self._synced(trees, tid, peer, started)
+            return repaired
         finally:
             self.running -= 1
+
+    def _synced(self, trees: dict, tid: str, peer: str, started: float) -> None:
+        # Only if no ring change (rebuild) replaced the trees meanwhile.
+        if self.trees.trees is trees:
+            self.trees.synced[(tid, peer)] = started
 
     async def _repair(self, peer: str, keys: list[bytes]) -> int:
         repaired = 0
@@ -281,6 +306,7 @@ class AntiEntropy:
             async with limit:
                 try:
                     ids = by_peer[peer]
+                    started, trees = self.wall_clock(), self.trees.trees
                     reply = await self.call(peer, "aae_roots", {"trees": ids})
                     self._count("aae_root_comparisons", len(ids))
                     for tid, root in zip(ids, reply["roots"]):
@@ -289,6 +315,8 @@ class AntiEntropy:
                             complete = False  # the peer's ring differs from ours, for now
                         elif tree is not None and tree.root != int(root):
                             await self.exchange(tid, peer)
+                        elif tree is not None:
+                            self._synced(trees, tid, peer, started)
                 except (PeerUnreachable, RemoteError, KeyError, TypeError, ValueError):
                     complete = False
                     self._count("aae_exchanges_failed")

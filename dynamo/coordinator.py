@@ -56,6 +56,18 @@ class CoordinatorLimits:
     max_background_writes: int = 1024
 
 
+async def _wait_until(event: asyncio.Event, deadline: float) -> None:
+    """Wait for `event` until the loop time `deadline`. (asyncio.timeout, unlike
+    wait_for, makes no extra task: this runs once per client request.)"""
+    if event.is_set():
+        return
+    try:
+        async with asyncio.timeout_at(deadline):
+            await event.wait()
+    except TimeoutError:
+        pass
+
+
 class Coordinator:
     def __init__(
         self,
@@ -160,11 +172,13 @@ class Coordinator:
         pending = sorted(targets, key=lambda t: t.node != self.self_id)  # version here when possible
         payload = {"key": b64(key), "value": None if value is None else b64(value), "context": context.counters(), "timestamp": self.wall_clock()}
         obj = None
+        encoded = None  # the versioning replica's encoding of obj, sent on as it is
         while pending and obj is None:
             target = pending.pop(0)
             try:
                 reply = await self.call(target.node, "coordinate", {**payload, "hint_for": target.hint_for}, deadline)
-                obj = versions.decode_object(unb64(reply["object"]))
+                encoded = reply["object"]
+                obj = versions.decode_object(unb64(encoded))
                 tally.ack(target.node)
             except (PeerUnreachable, RemoteError) as exc:
                 if isinstance(exc, RemoteError) and exc.code == "too_many_siblings":
@@ -184,7 +198,7 @@ class Coordinator:
             settled = asyncio.Event()
             if tally.done:
                 settled.set()
-            store = {"key": b64(key), "object": b64(versions.encode_object(obj))}
+            store = {"key": b64(key), "object": encoded}
             # Over the cap, this write keeps its client waiting for all its sends
             # (back-pressure) instead of leaving more work running in the background.
             capped = len(self._background) >= self.limits.max_background_writes
@@ -192,10 +206,7 @@ class Coordinator:
                 self._count("background_writes_capped")
             sends = [self._spawn(self._replicate(store, target, tally, fallbacks, used, deadline, settled)) for target in pending]
             if not tally.done:
-                try:
-                    await asyncio.wait_for(settled.wait(), max(0.0, deadline - self._now()))
-                except asyncio.TimeoutError:
-                    pass
+                await _wait_until(settled, deadline)
             if capped and deadline > self._now():
                 await asyncio.wait(sends, timeout=deadline - self._now())
         if not tally.ok:
@@ -254,10 +265,7 @@ class Coordinator:
             for t in targets
         ]
         if not tally.done:
-            try:
-                await asyncio.wait_for(settled.wait(), max(0.0, deadline - self._now()))
-            except asyncio.TimeoutError:
-                pass
+            await _wait_until(settled, deadline)
         if not tally.ok:
             for task in tasks:
                 task.cancel()

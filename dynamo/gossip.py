@@ -98,6 +98,10 @@ class GossipState:
         self.heard: dict[str, Heard] = {}
         self.last_heard: dict[str, float] = {}  # local time this node last saw the entry go up
         self.gap: dict[str, float] = {}  # average time between those, per member
+        # member -> the highest ring version whose transfers it has finished ("rebalanced
+        # through V"); merged by max, so it only grows. Reads consult the old owners until
+        # every member that held data under the old ring reports the current version.
+        self.rebalanced: dict[str, int] = {}
         self._set_members(list(members), now)
         self.heard[self_id] = Heard(incarnation, 0)
         self.refutations = 0
@@ -117,6 +121,11 @@ class GossipState:
                 del self.heard[node]
                 self.last_heard.pop(node, None)
                 self.gap.pop(node, None)
+        # Departed members keep their entry (their leave's progress still spreads), within a bound.
+        for node in self.members:
+            self.rebalanced.setdefault(node, 0)
+        if len(self.rebalanced) > MAX_MEMBERS:
+            self.rebalanced = {n: v for n, v in self.rebalanced.items() if n in self.members or n == self.self_id}
 
     # --- our own changes ----------------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -129,6 +138,14 @@ class GossipState:
         """An operator's add or remove, made here: a new ring version that gossip spreads."""
         self.ring_version += 1
         self._set_members(members, now)
+
+    def set_rebalanced(self, version: int) -> None:
+        """This node has sent every key it no longer replicates on ring `version`."""
+        self.rebalanced[self.self_id] = max(self.rebalanced.get(self.self_id, 0), int(version))
+
+    def waiting_for(self, nodes: Iterable[str]) -> list[str]:
+        """Which of `nodes` have not reported the current ring version rebalanced."""
+        return sorted(n for n in nodes if self.rebalanced.get(n, 0) < self.ring_version)
 
     def mark_suspects(self, now: float) -> list[str]:
         """Mark every member we consider suspect or down; returns them."""
@@ -166,6 +183,7 @@ class GossipState:
             "from": self.self_id,
             "ring": {"version": self.ring_version, "members": [self.members[n] for n in sorted(self.members)]},
             "nodes": {n: [h.incarnation, h.heartbeat, int(h.suspect)] for n, h in sorted(self.heard.items())},
+            "rebalanced": dict(sorted(self.rebalanced.items())),
         }
 
     def merge(self, digest: dict, now: float) -> bool:
@@ -177,6 +195,10 @@ class GossipState:
             raise ValueError("a gossip digest has a member list and a node map, each of at most 1024")
         members = [{"id": str(m["id"]), "client_url": str(m["client_url"]), "peer_address": str(m["peer_address"])} for m in members]
         incoming = {str(n): Heard(int(v[0]), int(v[1]), bool(v[2])) for n, v in nodes.items()}
+        rebalanced = digest.get("rebalanced") or {}  # absent from older nodes' digests
+        if not isinstance(rebalanced, dict) or len(rebalanced) > MAX_MEMBERS:
+            raise ValueError("rebalanced must be a map of at most 1024 members")
+        rebalanced = {str(n): int(v) for n, v in rebalanced.items()}
         changed = False
         # The cluster file (version 0) never overrides; a higher version always does; two
         # different changes with one version (made at two nodes at once) settle on one.
@@ -206,6 +228,9 @@ class GossipState:
                 self.gap[node] = 0.8 * self.gap.get(node, self.policy.interval_s) + 0.2 * gap
                 self.last_heard[node] = now
             self.heard[node] = merged
+        for node, version in rebalanced.items():
+            if node in self.rebalanced or node in self.members:
+                self.rebalanced[node] = max(self.rebalanced.get(node, 0), version)
         return changed
 
     def _check(self) -> None:
@@ -213,6 +238,7 @@ class GossipState:
         assert set(self.heard) <= set(self.members) | {self.self_id}
         assert set(self.members) <= set(self.heard)
         assert not self.heard[self.self_id].suspect
+        assert set(self.members) <= set(self.rebalanced) and len(self.rebalanced) <= MAX_MEMBERS + len(self.members)
 
 
 __all__ = ["ALIVE", "SUSPECT", "DOWN", "GossipPolicy", "GossipState", "Heard", "merge_heard", "ring_digest"]

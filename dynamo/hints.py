@@ -11,8 +11,9 @@ Bounds, each checked when a hint is recorded: `max_hints` hints, `max_bytes` of 
 objects, and `max_age_s` since the hint last changed. A hint over the count or byte cap
 is refused (the fallback then refuses the write, so an ack always means "will be handed
 off"); a hint older than `max_age_s` is dropped by `expire()` and counted. `max_age_s`
-must stay below the tombstone grace period (`TOMBSTONE_GRACE_S`), so a hint can never
-carry a value past the life of a tombstone that deleted it.
+must stay below the tombstone grace period (`TOMBSTONE_GRACE_S` by default; `APOptions`
+checks the configured grace against `max_age_s` plus the expiry period), so a hint can
+never carry a value past the life of a tombstone that deleted it (tombstones.py).
 
 Engine layout: key b"h:" + owner + b"\\x00" + key, value `>dQI` (updated_at, seq, bytes).
 
@@ -29,7 +30,7 @@ from engines import Engine
 
 HINT_PREFIX = b"h:"
 _HINT_VALUE = struct.Struct(">dQI")
-# Tombstones are kept at least this long (in practice: forever, see dynamo/DESIGN.md).
+# The default tombstone grace period (Cassandra's gc_grace_seconds); see tombstones.py.
 TOMBSTONE_GRACE_S = 10 * 24 * 3600.0
 
 
@@ -142,20 +143,32 @@ class HintLog:
 
     def forget_owner(self, owner: str) -> list[tuple]:
         """Ops dropping every hint for a node that left the cluster."""
-        ops = []
+        return self.forget_owner_keys(owner)[0]
+
+    def forget_owner_keys(self, owner: str) -> tuple[list[tuple], list[bytes]]:
+        """`forget_owner`, and the keys whose hints it dropped."""
+        ops, keys = [], []
         for hint in [h for (o, _), h in self._hints.items() if o == owner]:
             self._unindex(hint)
             ops.append(("delete", _hint_key(hint.owner, hint.key), None))
-        return ops
+            keys.append(hint.key)
+        return ops, keys
 
     def expire(self, now: float) -> list[tuple]:
         """Ops dropping hints older than `max_age_s` (counted in `dropped`)."""
-        ops = []
+        return self.expire_keys(now)[0]
+
+    def expire_keys(self, now: float) -> tuple[list[tuple], list[bytes]]:
+        """`expire`, and the keys whose hints it dropped (the fallback then drops its own
+        copy of each it does not replicate: a copy nobody will hand off must not linger,
+        or it could bring back what a reaped tombstone deleted)."""
+        ops, keys = [], []
         for hint in [h for h in self._hints.values() if now - h.updated_at > self.policy.max_age_s]:
             self._unindex(hint)
             self.dropped += 1
             ops.append(("delete", _hint_key(hint.owner, hint.key), None))
-        return ops
+            keys.append(hint.key)
+        return ops, keys
 
     def _check(self) -> None:
         assert self.count <= self.policy.max_hints

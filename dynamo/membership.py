@@ -124,3 +124,56 @@ class CombinedDetector:
 
     def _check(self) -> None:
         self.requests._check()
+
+
+# --- the member list on disk -----------------------------------------------------------------
+# A node keeps the newest member list it knows (with its gossip ring version) in its data
+# directory, so a ring change survives a restart of the whole cluster; the cluster file
+# stays the seed (version 0) and a stored list is used only when its version is higher.
+RING_FILE = "ap-members.json"
+_RING_FORMAT = 1
+
+
+def save_ring(path: str, version: int, members: list[dict]) -> None:
+    """Replace the file at `path` atomically and durably: write a temp file, fsync it,
+    rename it over `path`, fsync the directory."""
+    import json
+    import os
+
+    body = json.dumps({"format": _RING_FORMAT, "ring_version": int(version),
+                       "members": sorted(members, key=lambda m: m["id"])}, sort_keys=True).encode()
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, body)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def load_ring(path: str) -> tuple[int, list[dict]] | None:
+    """(ring version, members) from `path`, or None when there is no file. Raises
+    ValueError on a file that does not parse (a half-written file cannot exist: see
+    `save_ring`), rather than silently starting from an older member list."""
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(raw)
+        if data.get("format") != _RING_FORMAT:
+            raise ValueError(f"unknown format {data.get('format')!r}")
+        members = [{"id": str(m["id"]), "client_url": str(m["client_url"]), "peer_address": str(m["peer_address"])}
+                   for m in data["members"]]
+        return int(data["ring_version"]), members
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a member list ({exc}); remove it to start from the cluster file") from None

@@ -3,8 +3,9 @@
 Every peer request ends here: `coordinate` (make a new version of a key: the only place a
 dot is minted), `store` (merge a version from elsewhere: replication, read repair,
 handoff), `fetch` and `scan`. A read-modify-write of one key holds that key's lock, so
-two requests never interleave on it; engine writes may run in a thread (`offload=True`)
-so an fsync does not block the event loop, and concurrent writers share it.
+two requests never interleave on it; with `offload=True` engine writes run on a worker
+thread (`commit.CommitQueue`) so an fsync does not block the event loop, and the writes
+waiting at one moment go to the engine as one batch, so they share one fsync.
 
 Engine layout (one engine per node): b"d:" + key -> `versions.encode_object`;
 b"h:" ... hints (`hints.py`); b"m:actor" -> this node's current actor id.
@@ -34,6 +35,7 @@ import random
 from engines import Engine
 
 from . import versions
+from .commit import CommitQueue
 from .hints import HintLog, HintPolicy, HintsFull
 from .vclock import PrunePolicy, VClock
 from .versions import VersionedObject
@@ -90,6 +92,7 @@ class Replica:
         self.prune = prune
         self.limits = limits
         self.offload = offload
+        self._commits = CommitQueue(engine)
         self.hints = HintLog(engine, hint_policy)
         # Called as on_change(key, object or None) after every engine write of a key's
         # data, in the event loop (anti-entropy keeps its Merkle trees up to date with it).
@@ -136,7 +139,8 @@ class Replica:
 
     async def _write(self, batch: list[tuple]) -> None:
         if self.offload:
-            await asyncio.to_thread(self.engine.write, batch)
+            # Group commit: concurrent writes of this node share one engine write + fsync.
+            await self._commits.write(batch)
         else:
             self.engine.write(batch)
 
@@ -238,6 +242,42 @@ class Replica:
     async def write_ops(self, ops: list[tuple]) -> None:
         if ops:
             await self._write(ops)
+
+    async def reap_if_unchanged(self, key: bytes, tombstone: VersionedObject) -> bool:
+        """Delete the local copy of `key` if it is still exactly `tombstone` (tombstone
+        reaping, dynamo/tombstones.py): a write that landed meanwhile survives. Takes a new
+        epoch first when the tombstone's clock names this node's actor, as for a handoff
+        drop. True when deleted."""
+        async with self._key_lock(key):
+            local = self.fetch(key)
+            if local is None or not local.is_deleted or not local.same_as(tombstone):
+                return False
+            if local.clock.get(self.actor):
+                self.new_epoch()
+            await self._write([("delete", data_key(key), None)])
+            if self.on_change is not None:
+                self.on_change(key, None)
+            return True
+
+    async def forget_hint_and_drop(self, key: bytes, take_hint_ops, still_owner: bool) -> bool:
+        """Under the key's lock: `take_hint_ops()` (removes a delivered hint of `key` from
+        the index and returns its engine ops), then write those ops and, in the same batch,
+        the delete of the local copy if it is no longer needed (as `drop_if_unowned`): a
+        crash between the two would leave a copy without a hint that nothing ever hands
+        off or drops. True when the copy was deleted."""
+        async with self._key_lock(key):
+            hint_ops = take_hint_ops()
+            local = self.fetch(key)
+            if still_owner or self.hints.has_key(key) or local is None:
+                if hint_ops:
+                    await self._write(hint_ops)
+                return False
+            if local.clock.get(self.actor):
+                self.new_epoch()
+            await self._write(list(hint_ops) + [("delete", data_key(key), None)])
+            if self.on_change is not None:
+                self.on_change(key, None)
+            return True
 
 
 __all__ = ["Replica", "ReplicaLimits", "TooManySiblings", "HintsFull", "data_key"]

@@ -34,9 +34,11 @@ from .antientropy import INTERVAL_ENV, AntiEntropy, AntiEntropyOptions, TreeSet
 from .coordinator import Coordinator, CoordinatorLimits
 from .hints import HintPolicy, HintsFull
 from .gossip import GossipPolicy, GossipState
-from .membership import CombinedDetector, FailureDetector
+from .membership import RING_FILE, CombinedDetector, FailureDetector, load_ring, save_ring
 from .node import Replica, ReplicaLimits, TooManySiblings
 from .ring import Ring
+from .tombstones import GRACE_ENV, Reaper, ReapPolicy, TombstoneIndex, tombstone_time
+from .framed import StreamTransport
 from .transport import HttpTransport, PeerServer, PeerUnreachable, RemoteError, Transport, b64, unb64
 from .vclock import PrunePolicy, VClock, decode_context, encode_context
 
@@ -56,20 +58,58 @@ class APOptions:
     max_range_limit: int = 10_000  # keys one coverage read returns at most
     anti_entropy: AntiEntropyOptions = AntiEntropyOptions()
     gossip: GossipPolicy = GossipPolicy()
-    # After a ring change, reads also ask the keys' old primaries for at least this long
-    # and until this node's own transfers are done (others stream at the same bounded rate).
-    handover_s: float = 30.0
+    # After a ring change a node reports its transfers done ("rebalanced through V", by
+    # gossip) only after a pass that found nothing left to send, started at least this long
+    # after the change: a write an old-ring coordinator sent here before it learned of
+    # the change has landed (or timed out: the default client timeout is 5 s) by then.
+    # Reads ask the old primaries too until every node of the old ring reports V done.
+    handover_s: float = 5.0
+    rebalance_retry_s: float = 1.0  # pause between rebalancing passes that left keys behind
+    tombstones: ReapPolicy = ReapPolicy()
+
+    def __post_init__(self) -> None:
+        # No hint may carry a value past the grace of a tombstone that deleted it: a hint
+        # lives at most max_age_s, plus up to one expiry period before expire() runs.
+        if not self.tombstones.grace_s > self.hints.max_age_s + self.hint_expiry_interval_s:
+            raise ValueError(
+                f"the tombstone grace period ({self.tombstones.grace_s} s) must exceed the hint age limit plus "
+                f"the hint expiry period ({self.hints.max_age_s} + {self.hint_expiry_interval_s} s)"
+            )
 
 
+# A finished rebalance is announced to every member, with this many rounds of retries.
+ANNOUNCE_ATTEMPTS = 30
 # Joining through another node (NodeConfig.join): attempts and the pause between them.
 JOIN_ATTEMPTS = 20
 JOIN_RETRY_S = 0.5
 
 
+def with_tombstone_grace(options: APOptions, grace_s: float) -> APOptions:
+    """`options` with tombstones reaped after `grace_s`; a grace shorter than the hint age
+    limit plus the expiry period shortens both (to 1/2 and 1/4 of the grace), so the
+    invariant of `APOptions` holds, and a pass runs at least once per grace period."""
+    if not grace_s > 0:
+        raise ValueError(f"{GRACE_ENV} must be a positive number of seconds, not {grace_s!r}")
+    hints, expiry = options.hints, options.hint_expiry_interval_s
+    if grace_s <= hints.max_age_s + expiry:
+        hints = dataclasses.replace(hints, max_age_s=min(hints.max_age_s, grace_s / 2))
+        expiry = min(expiry, grace_s / 4)
+    policy = dataclasses.replace(options.tombstones, grace_s=grace_s, interval_s=min(options.tombstones.interval_s, grace_s))
+    return dataclasses.replace(options, hints=hints, hint_expiry_interval_s=expiry, tombstones=policy)
+
+
 def create_service(config: NodeConfig, **kwargs) -> "DynamoService":
     """Build the ap service. The environment variable `CAPKV_AAE_INTERVAL_S` sets the
-    anti-entropy period in seconds (e.g. "1" in tests), or turns it off ("off"): there is
-    no serve flag for it."""
+    anti-entropy period in seconds (e.g. "1" in tests), or turns it off ("off"), and
+    `CAPKV_TOMBSTONE_GRACE_S` the tombstone grace period (default 10 days): there is no
+    serve flag for either."""
+    grace = os.environ.get(GRACE_ENV)
+    if grace:
+        try:
+            seconds = float(grace)
+        except ValueError:
+            raise ValueError(f"{GRACE_ENV} must be a positive number of seconds, not {grace!r}") from None
+        kwargs["options"] = with_tombstone_grace(kwargs.get("options", APOptions()), seconds)
     env = os.environ.get(INTERVAL_ENV)
     if env:
         options = kwargs.get("options", APOptions())
@@ -136,11 +176,16 @@ class DynamoService:
         self.detector = CombinedDetector(self.request_detector, self._gossip_status)
         self._gossip_calls: dict[str, asyncio.Task] = {}
         self._previous_ring: Ring | None = None
-        self._handover_until = 0.0
+        self._previous_members: dict[str, Member] = {}
         self._rebalancing = 0
+        self._member_changes = 0  # member-set changes seen; a rebalance serves the latest
         aae = options.anti_entropy
         self.trees = TreeSet(self.node_id, config.replicas, branching=aae.branching, depth=aae.depth)
         self.aae: AntiEntropy | None = None
+        self.tombstones = TombstoneIndex()
+        self.reaper: Reaper | None = None
+        self._me = self.members[self.node_id]
+        self._announced = 0  # the last ring version whose rebalance every member heard of
         self.started = False
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -174,6 +219,7 @@ class DynamoService:
             offload=config.engine != "memory",
         )
         loop = asyncio.get_running_loop()
+        stored_version = self._load_ring()
         # A restart must out-number every earlier life of this node: milliseconds of wall time.
         self.gossip = GossipState(
             self.node_id,
@@ -182,11 +228,18 @@ class DynamoService:
             incarnation=int(self.wall_clock() * 1000),
             policy=self.options.gossip,
         )
+        self.gossip.ring_version = stored_version
         # Trees from the engine's content, before anyone can write (see TreeSet).
-        self.trees.rebuild(self._ring, self.replica.items())
-        self.replica.on_change = self.trees.update
+        def indexed(items):
+            for key, obj in items:
+                self.tombstones.update(key, tombstone_time(obj))
+                yield key, obj
+
+        self.tombstones = TombstoneIndex()
+        self.trees.rebuild(self._ring, indexed(self.replica.items()))
+        self.replica.on_change = self._on_change
         if self._external_transport is None:
-            self.transport = HttpTransport(self._addresses(), config.secret)
+            self.transport = StreamTransport(self._addresses(), config.secret)
             host, _, port = self.members[self.node_id].peer_address.rpartition(":")
             self._server = PeerServer(host, int(port), config.secret, self.handle)
             await self._server.start()
@@ -217,6 +270,21 @@ class DynamoService:
             metrics=self._metrics,
             peer_timeout_s=self.options.coordinator.peer_timeout_s,
         )
+        self.reaper = Reaper(
+            self.node_id,
+            replica=self.replica,
+            index=self.tombstones,
+            policy=self.options.tombstones,
+            call=self.coordinator.call,
+            primaries=lambda key: self._ring.preference_list(key, self.config.replicas),
+            ring_ok=self._ring_settled,
+            ring_version=lambda: self.gossip.ring_version,
+            alive=lambda node: self.detector.status(node) == "alive",
+            synced_at=self.trees.synced_at,
+            wall_clock=self.wall_clock,
+            metrics=self._metrics,
+            peer_timeout_s=self.options.coordinator.peer_timeout_s,
+        )
         self._loops = [
             asyncio.ensure_future(self._probe_loop()),
             asyncio.ensure_future(self._handoff_loop()),
@@ -224,8 +292,13 @@ class DynamoService:
         ]
         if self.options.anti_entropy.enabled:
             self._loops.append(asyncio.ensure_future(self.aae.loop()))
+            # Reaping needs exchanges since the tombstone was written: no AAE, no reaping.
+            if self.options.tombstones.enabled:
+                self._loops.append(asyncio.ensure_future(self.reaper.loop()))
         if config.join:
             self._loops.append(asyncio.ensure_future(self._join(config.join)))
+        if stored_version:  # finish whatever transfer an earlier life of this node left undone
+            self.coordinator._spawn(self._rebalance())
         self.started = True
 
     async def stop(self) -> None:
@@ -244,11 +317,55 @@ class DynamoService:
         if self._engine is not None:
             self._engine.close()
 
+    def _ring_path(self) -> str | None:
+        # A memory engine keeps nothing across a restart, so neither does its member list.
+        if self.config.engine == "memory" or not self.config.data_dir:
+            return None
+        return os.path.join(self.config.data_dir, RING_FILE)
+
+    def _load_ring(self) -> int:
+        """At start: take the stored member list if it is newer than the cluster file
+        (version 0); returns the ring version to start from."""
+        path = self._ring_path()
+        stored = load_ring(path) if path else None
+        if stored is None or stored[0] <= 0:
+            return 0
+        version, members = stored
+        if self.node_id not in {m["id"] for m in members}:
+            # removed from the cluster, then restarted: serve from the cluster file, as before
+            self._count("stored_ring_ignored")
+            return 0
+        self.members = {m["id"]: Member(**m) for m in members}
+        self._ring = Ring(self.members, self.config.vnodes)
+        self.detector.set_members(self.members)
+        return version
+
+    def _save_ring(self) -> None:
+        path = self._ring_path()
+        if path is None or self.gossip is None:
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_ring(path, self.gossip.ring_version, list(self.gossip.members.values()))
+        self._count("ring_saves")
+
+    def _on_change(self, key: bytes, obj) -> None:
+        self.trees.update(key, obj)
+        self.tombstones.update(key, tombstone_time(obj))
+
+    def _ring_settled(self, version: int | None) -> bool:
+        """No handover in progress here, and (when given) the asker's ring version is ours."""
+        if self._handover_ring() is not None:
+            return False
+        return version is None or (self.gossip is not None and int(version) == self.gossip.ring_version)
+
     async def _call(self, node: str, method: str, payload: dict, timeout: float) -> dict:
         if node == self.node_id:
+            # asyncio.timeout, not wait_for: no task per local call, and on 3.11 wait_for can
+            # swallow a cancel that lands just as the call finishes (stop() then hangs).
             try:
-                return await asyncio.wait_for(self.handle(method, payload), timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout):
+                    return await self.handle(method, payload)
+            except TimeoutError:
                 raise PeerUnreachable("local replica timed out") from None
         return await self.transport.call(node, method, payload, timeout)
 
@@ -292,6 +409,8 @@ class DynamoService:
                 return {"node": self.node_id, "actor": replica.actor}
             if method.startswith("aae_") or method in ("fetch_many", "store_many"):
                 return await self.aae.handle(method, payload)
+            if method in ("reap_check", "reap"):
+                return await self.reaper.handle(method, payload)
             if method == "gossip":
                 await self._merge_gossip(payload)
                 return self.gossip.digest()
@@ -437,7 +556,24 @@ class DynamoService:
                     "ownership": round(ownership.get(m.id, 0.0), 6),
                 }
                 for m in sorted(self.members.values(), key=lambda m: m.id)
+            ]
+            + [
+                {
+                    "id": m.id,
+                    "client_url": m.client_url,
+                    "peer_url": f"http://{m.peer_address}",
+                    "status": self._leave_status(m.id),
+                    "tokens": 0,
+                    "ownership": 0.0,
+                }
+                for m in self._departed()
             ],
+            "handover": {
+                "active": self._handover_ring() is not None,
+                "ring_version": self.gossip.ring_version if self.gossip else 0,
+                "waiting_for": self._handover_waiting(),
+                "rebalanced": dict(sorted(self.gossip.rebalanced.items())) if self.gossip else {},
+            },
             "hints_pending": self.replica.hints.count if self.replica else 0,
             "gossip": {
                 "ring_version": self.gossip.ring_version if self.gossip else 0,
@@ -446,7 +582,15 @@ class DynamoService:
                 "refutations": self.gossip.refutations if self.gossip else 0,
             },
             "anti_entropy": self.aae.status() if self.aae else {"enabled": False},
+            "tombstones": self._tombstone_status(),
         }
+
+    def _tombstone_status(self) -> dict:
+        if self.reaper is None:
+            return {"enabled": False, "held": len(self.tombstones), "reaped": self.tombstones.reaped}
+        status = self.reaper.status()
+        status["enabled"] = status["enabled"] and self.options.anti_entropy.enabled
+        return status
 
     def health(self) -> tuple[bool, str]:
         if not self.started:
@@ -497,6 +641,8 @@ class DynamoService:
             "ap_aae_trees": len(self.trees.trees),
             "ap_aae_tree_keys": self.trees.keys,
             "ap_aae_tree_rebuilds_total": self.trees.rebuilds,
+            "ap_tombstones_held": len(self.tombstones),
+            "ap_tombstones_reaped_total": self.tombstones.reaped,
         }
         return out
 
@@ -517,62 +663,135 @@ class DynamoService:
     async def _change_members(self, members: list[Member]) -> dict:
         self._ready()
         self.gossip.change_members([dataclasses.asdict(m) for m in members], asyncio.get_running_loop().time())
+        self._save_ring()
         payload = {"members": [dataclasses.asdict(m) for m in members], "ring_version": self.gossip.ring_version}
-        targets = sorted({m.id for m in members} | set(self.members))
-        old_addresses = self._addresses()
+        targets = sorted(({m.id for m in members} | set(self.members)) - {self.node_id})
+        if isinstance(self.transport, (HttpTransport, StreamTransport)):  # a new node and a removed one can be told
+            self.transport.addresses = {**self.transport.addresses, **{m.id: m.peer_address for m in members}}
+        # Everyone is told (at once) before the change shows here, so a caller that sees it
+        # at this node knows every member that answered has it too.
+        results = await asyncio.gather(
+            *(self._call(node, "members", payload, self.options.coordinator.peer_timeout_s * 2) for node in targets),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, (PeerUnreachable, RemoteError)):
+                raise result
+        told = [self.node_id] + [n for n, r in zip(targets, results) if not isinstance(r, BaseException)]
+        missed = [n for n, r in zip(targets, results) if isinstance(r, BaseException)]
         await self._apply_members(members)
-        if isinstance(self.transport, HttpTransport):  # so a removed node can still be told
-            self.transport.addresses = {**old_addresses, **self._addresses()}
-        told, missed = [self.node_id], []
-        for node in targets:
-            if node == self.node_id:
-                continue
-            try:
-                await self._call(node, "members", payload, self.options.coordinator.peer_timeout_s * 2)
-                told.append(node)
-            except (PeerUnreachable, RemoteError):
-                missed.append(node)
         return {"members": sorted(m.id for m in members), "told": sorted(told), "not_told": missed}
 
     def _handover_ring(self) -> Ring | None:
+        """The ring before the last change while its transfers are not complete cluster-wide."""
         if self._previous_ring is None:
             return None
-        if self._rebalancing or asyncio.get_running_loop().time() < self._handover_until:
+        if self._handover_waiting():
             return self._previous_ring
         self._previous_ring = None
+        self._previous_members = {}
         return None
 
+    def _handover_waiting(self) -> list[str]:
+        """Nodes that held data under the old ring (departed ones included) and have not
+        reported the current ring version rebalanced. A down one keeps the handover open."""
+        if self._previous_ring is None or self.gossip is None:
+            return []
+        return self.gossip.waiting_for(self._previous_ring.nodes)
+
+    def _departed(self) -> list[Member]:
+        """Members of the old ring no longer in the list (this node too, once removed)."""
+        gone = {i: m for i, m in self._previous_members.items() if i not in self.members}
+        if self.node_id not in self.members and self.started:
+            gone.setdefault(self.node_id, self._me)
+        return [gone[i] for i in sorted(gone)]
+
+    def _leave_status(self, node: str) -> str:
+        """A node no longer in the member list: `leaving` until it reports every key it
+        held sent to the new owners (its rebalance of the current ring), then `left`."""
+        if node == self.node_id:
+            return "left" if self._announced >= self.gossip.ring_version > 0 else "leaving"
+        return "left" if self.gossip.rebalanced.get(node, 0) >= self.gossip.ring_version else "leaving"
+
     async def _merge_gossip(self, digest: dict) -> None:
-        if self.gossip.merge(digest, asyncio.get_running_loop().time()):
+        version = self.gossip.ring_version
+        changed = self.gossip.merge(digest, asyncio.get_running_loop().time())
+        if changed or self.gossip.ring_version != version:
+            self._save_ring()
+        if changed:
             self._count("gossip_ring_changes")
             await self._apply_members([Member(**m) for m in self.gossip.members.values()])
+        elif self.gossip.ring_version != version and not self._rebalancing:
+            # a new version with the same members (two changes settled on one): nothing
+            # new to send, and a running rebalance would report the version at its end
+            self.gossip.set_rebalanced(self.gossip.ring_version)
 
     async def _apply_members(self, members: list[Member]) -> None:
         new = {m.id: m for m in members}
         if set(new) == set(self.members):
             return
-        self.members = new
         if self._previous_ring is None:  # during a handover, keep the oldest ring
             self._previous_ring = self._ring
-        self._handover_until = asyncio.get_running_loop().time() + self.options.handover_s
+        self._member_changes += 1
+        self._previous_members.update(self.members)
+        self.members = new
         self._ring = Ring(new, self.config.vnodes)
         self.detector.set_members(new)
         if self.replica is not None:
             self.trees.rebuild(self._ring, self.replica.items())
-        if isinstance(self.transport, HttpTransport):
-            self.transport.addresses = self._addresses()
+        if isinstance(self.transport, (HttpTransport, StreamTransport)):
+            # departed nodes stay addressable: they gossip their leave's progress
+            self.transport.addresses = {**self.transport.addresses, **self._addresses()}
         self.coordinator._spawn(self._rebalance())
 
     async def _rebalance(self) -> None:
         """Push every local key this node no longer replicates to its new primaries, then
-        drop it; keys it now replicates arrive from the others' rebalancing."""
+        drop it; keys it now replicates arrive from the others' rebalancing. Passes repeat
+        until one finds nothing left to send, at least `handover_s` after the change; then
+        this node reports the ring version rebalanced (gossip). A newer ring change ends
+        this one (its own rebalance takes over)."""
+        loop = asyncio.get_running_loop()
+        changes, started = self._member_changes, loop.time()
         self._rebalancing += 1
         try:
-            await self._rebalance_keys()
+            while True:
+                left = await self._rebalance_keys()
+                if self._member_changes != changes:
+                    return
+                if not left and loop.time() - started >= self.options.handover_s:
+                    break
+                await asyncio.sleep(self.options.rebalance_retry_s)
+            version = self.gossip.ring_version  # no member change since: done for this one
+            self.gossip.set_rebalanced(version)
+            self._count("rebalances_done")
+            await self._announce_rebalanced(version)
         finally:
             self._rebalancing -= 1
 
-    async def _rebalance_keys(self) -> None:
+    async def _announce_rebalanced(self, version: int) -> None:
+        """Tell every member now (not only the next gossip partners) that this node's
+        transfers for `version` are done, so handovers close promptly; a node that was
+        removed reports `left` only once every member has heard it, because it may be
+        stopped right after. Retries a bounded number of times; gossip carries it anyway."""
+        loop = asyncio.get_running_loop()
+        pending = set(self.members) - {self.node_id}
+        for _ in range(ANNOUNCE_ATTEMPTS):
+            if self.gossip.ring_version != version:
+                return
+            results = await asyncio.gather(
+                *(self.coordinator.call(node, "gossip", self.gossip.digest(), loop.time() + self.options.coordinator.peer_timeout_s)
+                  for node in sorted(pending)),
+                return_exceptions=True,
+            )
+            pending = {node for node, result in zip(sorted(pending), results) if isinstance(result, BaseException)}
+            if not pending:
+                self._announced = version
+                return
+            await asyncio.sleep(self.options.rebalance_retry_s)
+
+    async def _rebalance_keys(self) -> int:
+        """One pass; returns how many keys it found to send (0: nothing was left)."""
+        found = 0
         replica, ring, n = self.replica, self._ring, self.config.replicas
         loop = asyncio.get_running_loop()
         for key in list(replica.keys()):
@@ -582,6 +801,7 @@ class DynamoService:
             obj = replica.fetch(key)
             if obj is None:
                 continue
+            found += 1
             # Only the new primaries lack the key; the ones that stayed already hold it
             # (and anti-entropy fixes them if they do not).
             previous = self._previous_ring
@@ -596,6 +816,7 @@ class DynamoService:
                 if await replica.drop_if_unowned(key, self.node_id in self._ring.preference_list(key, n)):
                     self._count("handoff_deleted")
             await asyncio.sleep(1.0 / self.options.hints.replay_rate_per_s)
+        return found
 
     async def _join(self, url: str) -> None:
         """Ask a running node (its client URL) to add this one; it then tells every member,
@@ -665,14 +886,32 @@ class DynamoService:
             await asyncio.sleep(self.options.handoff_interval_s)
             if loop.time() - last_expiry >= self.options.hint_expiry_interval_s:
                 last_expiry = loop.time()
-                await self.replica.write_ops(hints.expire(self.wall_clock()))
+                ops, keys = hints.expire_keys(self.wall_clock())
+                await self.replica.write_ops(ops)
+                await self._drop_stray_copies(keys)
             for owner in hints.owners():
                 if owner not in self.members:
-                    await self.replica.write_ops(hints.forget_owner(owner))
+                    ops, keys = hints.forget_owner_keys(owner)
+                    await self.replica.write_ops(ops)
+                    await self._drop_stray_copies(keys)
                     continue
                 if self.detector.status(owner) != "alive":
                     continue
                 await self._hand_off(owner, loop)
+
+    async def _drop_stray_copies(self, keys: list[bytes]) -> None:
+        """Drop this node's copy of each key whose last hint was just given up (expired, or
+        its owner left) and which it does not replicate: nothing would ever hand it off,
+        and once the key's tombstone is reaped it would bring the deleted value back (in a
+        coverage read, or pushed by a rebalance). The price: a write acknowledged only by
+        fallbacks whose owners stayed unreachable for the whole hint window is lost, as in
+        Cassandra past max_hint_window without a repair."""
+        for key in keys:
+            if not self.replica.hints.has_key(key):
+                still_owner = self.node_id in self._ring.preference_list(key, self.config.replicas)
+                if await self.replica.drop_if_unowned(key, still_owner):
+                    self._count("handoff_deleted")
+                    self._count("stray_copies_dropped")
 
     async def _hand_off(self, owner: str, loop) -> None:
         hints, replica = self.replica.hints, self.replica
@@ -684,10 +923,9 @@ class DynamoService:
                     await self.coordinator.call(owner, "store", payload, loop.time() + self.options.coordinator.peer_timeout_s)
                 except (PeerUnreachable, RemoteError):
                     return
-            await replica.write_ops(hints.remove_if_unchanged(hint))
+            # the hint's removal and the drop of the copy it covered in one batch
+            still_owner = self.node_id in self._ring.preference_list(hint.key, self.config.replicas)
+            if await replica.forget_hint_and_drop(hint.key, lambda hint=hint: hints.remove_if_unchanged(hint), still_owner):
+                self._count("handoff_deleted")
             self._count("hints_delivered")
-            if not hints.has_key(hint.key):
-                still_owner = self.node_id in self._ring.preference_list(hint.key, self.config.replicas)
-                if await replica.drop_if_unowned(hint.key, still_owner):
-                    self._count("handoff_deleted")
             await asyncio.sleep(1.0 / self.options.hints.replay_rate_per_s)

@@ -7,7 +7,12 @@ marks it failed and may use a fallback) and `RemoteError(code, message)` when th
 answered with a refusal (e.g. `too_many_siblings`, `hints_full`). The simulator
 (`tests/sim/`) has an in-memory twin with the same contract.
 
-Wire: `POST http://<peer_address>/peer/<method>`, JSON body, header
+Nodes talk over the framed wire of `framed.py` (`StreamTransport`: one persistent,
+authenticated connection per peer, many calls in flight on it). `PeerServer` serves it
+and, on the same port, the HTTP wire below (for tools, tests and `HttpTransport`); a
+connection's first bytes say which.
+
+HTTP wire: `POST http://<peer_address>/peer/<method>`, JSON body, header
 `X-Capkv-Peer-Auth: <hex HMAC-SHA256(secret, method + "\\n" + body)>`. The server refuses a
 request without the header (401) or with a wrong one (403) before parsing it; replies
 carry the same header over `"reply\\n" + body`, so a node also knows the answer came from
@@ -15,7 +20,7 @@ a member. (No replay protection: peer traffic is expected on a private network.)
 
     server = PeerServer("127.0.0.1", 2380, "s3cret", handler)   # handler(method, payload) -> dict
     await server.start()
-    transport = HttpTransport({"n1": "127.0.0.1:2380"}, "s3cret")
+    transport = StreamTransport({"n1": "127.0.0.1:2380"}, "s3cret")   # framed.py; or HttpTransport
     await transport.call("n1", "ping", {}, timeout=1.0)
 """
 from __future__ import annotations
@@ -72,23 +77,36 @@ def sign(secret: str, label: str, body: bytes) -> str:
 
 
 class PeerServer:
-    """A small aiohttp server on a node's peer address that feeds `handler`."""
+    """Serves a node's peer address: the framed wire (`framed.py`, what nodes use) and,
+    on the same port, HTTP `POST /peer/<method>` (aiohttp; for tools and `HttpTransport`).
+    A connection's first bytes say which: the framed wire opens with `framed.MAGIC`."""
 
     def __init__(self, host: str, port: int, secret: str, handler: Handler):
         if not secret:
             raise ValueError("peer traffic needs a non-empty cluster secret")
         self.host, self.port, self.secret, self.handler = host, port, secret, handler
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.AbstractServer | None = None
+        self._framed: set[asyncio.BaseTransport] = set()
 
     async def start(self) -> None:
         app = web.Application(client_max_size=MAX_PEER_MESSAGE_BYTES)
         app.router.add_post("/peer/{method}", self._serve)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
+        http = self._runner.server
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            lambda: _FirstBytes(self, http), self.host, self.port, reuse_address=True
+        )
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            for connection in list(self._framed):
+                connection.close()
+            self._framed.clear()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -118,6 +136,37 @@ class PeerServer:
         return web.Response(
             body=body, status=status, content_type="application/json", headers={AUTH_HEADER: sign(self.secret, "reply", body)}
         )
+
+
+class _FirstBytes(asyncio.Protocol):
+    """Holds a new connection until its first bytes show its wire, then hands it over."""
+
+    def __init__(self, server: PeerServer, http_factory):
+        self.server, self.http_factory = server, http_factory
+        self.transport = None
+        self.head = b""
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        from .framed import MAGIC, FramedServerProtocol
+
+        self.head += data
+        if len(self.head) < len(MAGIC) and MAGIC.startswith(self.head):
+            return
+        if self.head.startswith(MAGIC):
+            protocol = FramedServerProtocol(self.server.secret, self.server.handler)
+            self.server._framed.add(self.transport)
+            protocol.on_lost = self.server._framed.discard
+        else:
+            protocol = self.http_factory()
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        protocol.data_received(self.head)
+
+    def connection_lost(self, exc) -> None:
+        pass
 
 
 class HttpTransport:

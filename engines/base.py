@@ -184,18 +184,22 @@ def check_scan_args(start, end, limit) -> None:
 class GroupCommit:
     """Shares one fsync among the writers that wait for durability at the same time.
 
-    A writer appends under the engine's write lock, notes the log position it reached with
-    `written(position)`, releases the lock and calls `wait_durable(position)`. The first
-    waiter becomes the syncer: it fsyncs everything written so far, outside any lock, and
-    wakes every waiter that position covers. Writers that arrive during that fsync are
-    covered by the next one, so N concurrent writers pay about two fsyncs, not N.
+    A writer appends under the engine's write lock, notes the log position it reached,
+    releases the lock and calls `wait_durable(position)`. The first waiter becomes the
+    syncer: it calls `sync_fn(target)` outside any lock and wakes every waiter that the
+    position made durable covers. Writers that arrive during that fsync are covered by the
+    next one, so N concurrent writers pay about two fsyncs, not N.
 
         t1: write(a) -> pos 10; wait_durable(10) -> becomes syncer, fsync covers pos 10
         t2: write(b) -> pos 20; wait_durable(20) -> waits; t1 done; becomes syncer, fsync 20
         t3: write(c) -> pos 30 (during t2's fsync) -> covered only by the next fsync
 
     `sync_fn(target)` must make bytes up to `target` durable (flush buffers, then fsync);
-    the caller keeps it safe to run while writers append.
+    the caller keeps it safe to run while writers append. It may return the position it
+    actually made durable: an engine that flushes its whole append buffer covers writers
+    that appended after `target` was taken too, and those return without an fsync of
+    their own (with 8 writers nearly all of them share each fsync, not about half).
+    Returning None (or less than `target`) means `target`.
     """
 
     def __init__(self, sync_fn) -> None:
@@ -221,7 +225,11 @@ class GroupCommit:
             self._written = self._durable = position
 
     def wait_durable(self, position: int) -> None:
+        """Return once `position` is durable. Notes it as written too (so a writer need
+        not call `written()` first), then waits for, or runs, the fsync that covers it."""
         with self._cond:
+            if position > self._written:
+                self._written = position
             while self._durable < position:
                 if self._syncing:
                     self._cond.wait()
@@ -230,14 +238,18 @@ class GroupCommit:
                 target = self._written
                 self._cond.release()
                 try:
-                    self._sync_fn(target)
+                    covered = self._sync_fn(target)
                 finally:
                     self._cond.acquire()
                     self._syncing = False
                     self._cond.notify_all()
                 self.fsyncs += 1
-                if target > self._durable:
-                    self._durable = target
+                if covered is None or covered < target:
+                    covered = target
+                if covered > self._durable:
+                    self._durable = covered
+                if covered > self._written:
+                    self._written = covered
 
     def sync_all(self) -> None:
         self.wait_durable(self._written)

@@ -31,10 +31,16 @@ changed, O(log N + items) when none did; `stats()` counts `scan_sorts` and
 `scan_keys_sorted`. Use the `lsm` engine when range scans dominate.
 
 Threads: one lock (`_lock`) serialises appends and keydir changes; gets take no lock (a
-dict lookup is atomic under the GIL) and retry when a merge retired the file they read.
-Group commit shares fsyncs among `sync="always"` writers (`_GroupCommit`: base.GroupCommit
-crediting each fsync with everything it flushed). A merge never holds the write lock for
-longer than a buffer flush (see `merge()`); one engine per directory (a flock on `LOCK`).
+dict lookup of an immutable `(file id, offset, size)` tuple is atomic under the GIL). A
+lock-free read can race with a rotation (the active file's descriptor released as it is
+read), a buffer flush or a merge retiring the file; it then fails its CRC/key check and
+is retried with the key's current entry, and a read that still fails on a file no merge
+retired is repeated under `_lock`, where nothing moves, before CorruptionError is raised
+(`_read_slow`, `_read_locked`). Group commit shares fsyncs among `sync="always"` writers
+(base.GroupCommit; `_sync_files` returns the position its flush and fsync covered, so
+writers that appended meanwhile return without an fsync of their own). A merge never
+holds the write lock for longer than a buffer flush (see `merge()`); one engine per
+directory (a flock on `LOCK`).
 """
 from __future__ import annotations
 
@@ -120,7 +126,8 @@ class HashOptions:
     # mean fewer files and merges; smaller ones reclaim space sooner.
     max_file_bytes: int = 64 * 1024 * 1024
     # Appends collect in a user-space buffer that is written out at this size, at every
-    # sync, and before a read of a record still in it: the put path is one buffered append.
+    # sync, before a read of a record still in it, and (sync="never") within
+    # sync_interval_ms by a flusher thread: the put path is one buffered append.
     write_buffer_bytes: int = 64 * 1024
     # Merge in the background when dead bytes in immutable files are at least this
     # fraction of them and at least merge_min_dead_bytes. A merge rewrites every live
@@ -206,38 +213,6 @@ def _write_all(fd: int, data) -> None:
 
 class _MergeAborted(Exception):
     pass
-
-
-class _GroupCommit(GroupCommit):
-    """base.GroupCommit, except that an fsync counts for everything it covered.
-
-    `sync_fn(target)` returns the position it actually made durable: it flushes the whole
-    append buffer, so writers that appended while the syncer waited for the lock are on
-    disk too, and need no fsync of their own. With 8 writers this lifts the writes shared
-    per fsync from about half the writers to nearly all of them.
-    """
-
-    def wait_durable(self, position: int) -> None:
-        with self._cond:
-            while self._durable < position:
-                if self._syncing:
-                    self._cond.wait()
-                    continue
-                self._syncing = True
-                target = self._written
-                self._cond.release()
-                try:
-                    covered = self._sync_fn(target)
-                finally:
-                    self._cond.acquire()
-                    self._syncing = False
-                    self._cond.notify_all()
-                self.fsyncs += 1
-                covered = max(target, covered or 0)
-                if covered > self._durable:
-                    self._durable = covered
-                if covered > self._written:
-                    self._written = covered
 
 
 class HashEngine:
@@ -334,14 +309,22 @@ class HashEngine:
             os.close(self._lock_fd)
             raise
 
-        self._group_commit = _GroupCommit(self._sync_files)
+        self._group_commit = GroupCommit(self._sync_files)
         self._syncer = None
+        self._flusher: threading.Thread | None = None
+        self._flusher_stop = threading.Event()
         self._after_write = None
         if self._sync_mode == "always":
             self._after_write = self._wait_durable
         elif self._sync_mode == "batch":
             self._syncer = PeriodicSyncer(self._sync_files, self.options.sync_interval_ms, name="capkv-hash-syncer")
             self._after_write = self._mark_dirty
+        else:
+            # sync="never": appends wait in the user-space buffer; this thread hands it to
+            # the OS within sync_interval_ms, so a process crash (not a power loss) keeps
+            # what was written before that. The put path pays nothing for it.
+            self._flusher = threading.Thread(target=self._flush_loop, name="capkv-hash-flusher", daemon=True)
+            self._flusher.start()
 
     # ------------------------------------------------------------------ recovery
 
@@ -527,6 +510,22 @@ class HashEngine:
             self._active.size = self._active.flushed
             buf.clear()
 
+    def _flush_loop(self) -> None:
+        """sync="never": write the append buffer to the OS every sync_interval_ms."""
+        interval = self.options.sync_interval_ms / 1000.0
+        while not self._flusher_stop.wait(interval):
+            if not self._buf:  # a peek without the lock: the flush itself takes it
+                continue
+            try:
+                with self._lock:
+                    if self._closed:
+                        return
+                    self._flush()
+            except OSError as exc:  # the next append, sync or close meets it again
+                logger.warning("%s: background flush failed: %s", self._dir, exc)
+                self._stats["maintenance_errors"] += 1
+                self._last_error = f"{type(exc).__name__}: {exc}"
+
     def _rotate(self, next_id: int | None = None) -> None:
         """Make the active file immutable and start a new one. Caller holds `_lock`.
 
@@ -606,10 +605,18 @@ class HashEngine:
     def get(self, key: bytes) -> bytes | None:
         if self._closed:
             raise EngineClosed("hash engine is closed")
-        if type(key) is not bytes or not key or len(key) > self._max_key:
+        # The key is validated only on a miss: every key in the keydir passed check_key
+        # when it was written, and anything else (str, int, too long, empty) is not in it.
+        # Unhashable keys (bytearray, a writable memoryview) are converted first; a
+        # read-only memoryview hashes and compares like the bytes it shows.
+        try:
+            entry = self._keydir.get(key)
+        except (TypeError, ValueError):
             key = check_key(key, self.options)
-        entry = self._keydir.get(key)
+            entry = self._keydir.get(key)
         if entry is None:
+            if type(key) is not bytes or not 0 < len(key) <= self._max_key:
+                check_key(key, self.options)
             return None
         file_id, offset, size = entry
         df = self._files.get(file_id)
@@ -647,30 +654,60 @@ class HashEngine:
             return None
 
     def _read_slow(self, key: bytes, entry) -> bytes | None:
-        """The read path for the active file, and for an entry a merge moved or damage."""
+        """The read path for the active file, and for an entry a merge moved or damage.
+
+        Lock-free reads can race with a rotation (the active file's descriptor released
+        as it is read), a flush, or a merge retiring the file; such a read fails its
+        checks and is retried with the key's current entry. A read that fails on a file
+        no merge retired is repeated under the write lock (`_read_locked`), where nothing
+        can move, so CorruptionError is raised only for damage that is really there.
+        """
         for _ in range(_READ_RETRIES):
             if self._closed:
                 raise EngineClosed("hash engine is closed")
             df = self._files.get(entry[0])
             if df is not None:
-                # Twice: a read that raced with the rotation of the active file may have
-                # used its descriptor as it was closed; the second goes through the mmap.
-                for _attempt in range(2):
-                    rec = self._read_record(df, entry)
-                    if rec is not None:
-                        decoded = decode_record(rec, key)
-                        if decoded is not None and decoded[0] == KIND_PUT:
-                            return decoded[2]
+                rec = self._read_record(df, entry)
+                if rec is not None:
+                    decoded = decode_record(rec, key)
+                    if decoded is not None and decoded[0] == KIND_PUT:
+                        return decoded[2]
                 if not df.retired and not df.closed:
-                    reason = "short read" if rec is None or len(rec) != entry[2] else "record checksum mismatch"
-                    raise CorruptionError(df.path, entry[1], f"{reason} in the record of key {key[:60]!r}")
+                    break
             newer = self._keydir.get(key)
             if newer is None:
                 return None
             if newer is entry and df is None:
-                raise EngineError(f"keydir entry of {key[:60]!r} names file {entry[0]}, which is not open")
+                break
             entry = newer
-        raise EngineError(f"get({key[:60]!r}) kept racing with merges; try again")
+        return self._read_locked(key)
+
+    def _read_locked(self, key: bytes) -> bytes | None:
+        """Read the key's current record under the write lock: no rotation, flush, fd
+        release or merge retirement runs meanwhile, so a bad record here is damage."""
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("hash engine is closed")
+            entry = self._keydir.get(key)
+            if entry is None:
+                return None
+            file_id, offset, size = entry
+            df = self._files.get(file_id)
+            if df is None:
+                raise EngineError(f"keydir entry of {key[:60]!r} names file {file_id}, which is not open")
+            if df is self._active and offset >= df.flushed:
+                start = offset - df.flushed  # still in the append buffer
+                rec = bytes(self._buf[start:start + size])
+            else:
+                try:
+                    rec = df.read(offset, size)
+                except (ValueError, OSError) as exc:
+                    raise CorruptionError(df.path, offset, f"cannot read the record of key {key[:60]!r}: {exc}") from None
+            decoded = decode_record(rec, key)
+            if decoded is None or decoded[0] != KIND_PUT:
+                reason = "short read" if len(rec) != size else "record checksum mismatch"
+                raise CorruptionError(df.path, offset, f"{reason} in the record of key {key[:60]!r}")
+            return decoded[2]
 
     def scan(
         self, start: bytes | None = None, end: bytes | None = None, *, reverse: bool = False, limit: int | None = None
@@ -750,15 +787,21 @@ class HashEngine:
     # ------------------------------------------------------------------ writes
 
     def put(self, key: bytes, value: bytes) -> None:
-        if (
-            type(key) is not bytes or type(value) is not bytes
-            or not key or len(key) > self._max_key or len(value) > self._max_value
-        ):
+        # The fast path checks exactly what check_key/check_value check, for the common
+        # case (bytes of allowed sizes); anything else takes their path and its errors.
+        if type(key) is not bytes or type(value) is not bytes:
             key = check_key(key, self.options)
             value = check_value(value, self.options)
-        body = _PACK_FIELDS(KIND_PUT, len(key), len(value)) + key + value
-        record = body + _PACK_CRC(crc32(body))
-        size = len(record)
+        key_len = len(key)
+        value_len = len(value)
+        if not 0 < key_len <= self._max_key or value_len > self._max_value:
+            check_key(key, self.options)
+            check_value(value, self.options)
+        # The record is fields | key | value | crc; the CRC is appended after the rest so
+        # the record is never built whole (one copy fewer of the value).
+        body = b"".join((_PACK_FIELDS(KIND_PUT, key_len, value_len), key, value))
+        crc = _PACK_CRC(crc32(body))
+        size = key_len + value_len + RECORD_OVERHEAD
         with self._lock:
             if self._closed:
                 raise EngineClosed("hash engine is closed")
@@ -766,10 +809,11 @@ class HashEngine:
             if offset + size > self._max_file and offset > HEADER_SIZE:
                 self._rotate()
                 offset = HEADER_SIZE
-            file_id = self._active_id
-            self._buf += record
+            buf = self._buf
+            buf += body
+            buf += crc
             self._active_size = offset + size
-            entry = (file_id, offset, size)
+            entry = (self._active_id, offset, size)
             keydir = self._keydir
             old = keydir.get(key)
             keydir[key] = entry
@@ -778,11 +822,11 @@ class HashEngine:
                 self._dead[old[0]] += old[2]
             elif self._new_keys is not None:
                 self._new_keys.append(key)
-            if len(self._buf) >= self._buffer_limit:
+            if len(buf) >= self._buffer_limit:
                 self._flush()
             if self._after_write is None:  # sync="never": nothing more to do
                 return
-            position = self._base_position + self._active_size
+            position = self._base_position + offset + size
         self._after_write(position)
 
     def delete(self, key: bytes) -> None:
@@ -870,7 +914,6 @@ class HashEngine:
 
     def _wait_durable(self, position: int) -> None:
         """sync="always": return once `position` (bytes appended since open) is on disk."""
-        self._group_commit.written(position)
         self._group_commit.wait_durable(position)
 
     def _mark_dirty(self, position: int) -> None:
@@ -1110,6 +1153,9 @@ class HashEngine:
             self._maint_thread.join()
         if self._syncer is not None:
             self._syncer.stop()
+        if self._flusher is not None:
+            self._flusher_stop.set()
+            self._flusher.join()
         with self._maint_lock:
             self._sync_files()
             self._write_pending_hints()

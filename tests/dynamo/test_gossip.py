@@ -99,3 +99,27 @@ def test_the_cluster_file_never_overrides_and_bad_digests_change_nothing():
     assert a.digest() == before
     with pytest.raises(ValueError):
         GossipPolicy(suspect_after_s=5, down_after_s=2)
+
+
+def test_rebalanced_versions_spread_by_max_and_a_departed_member_keeps_its_entry():
+    a = GossipState("n1", members(["n1", "n2", "n3"]), now=0.0, incarnation=1)
+    b = GossipState("n2", members(["n1", "n2", "n3"]), now=0.0, incarnation=1)
+    c = GossipState("n3", members(["n1", "n2", "n3"]), now=0.0, incarnation=1)
+    a.change_members(members(["n1", "n2"]), now=1.0)  # n3 removed: version 1
+    b.merge(a.digest(), now=1.0)
+    c.merge(a.digest(), now=1.0)  # n3 hears it was removed
+    assert a.waiting_for(["n1", "n2", "n3"]) == ["n1", "n2", "n3"]
+    c.set_rebalanced(1)  # the leaving node sent everything away
+    a.set_rebalanced(1)
+    b.merge(c.digest(), now=2.0)  # n3 is no member any more, yet its progress counts
+    b.merge(a.digest(), now=2.0)
+    assert b.waiting_for(["n1", "n2", "n3"]) == ["n2"]
+    b.set_rebalanced(1)
+    assert b.waiting_for(["n1", "n2", "n3"]) == []
+    a.merge({**b.digest(), "rebalanced": {"n2": 0, "n3": 0}}, now=3.0)  # an old report never lowers it
+    a.merge(b.digest(), now=3.0)
+    assert a.waiting_for(["n1", "n2", "n3"]) == []
+    for g in (a, b, c):
+        g._check()
+    with pytest.raises(ValueError):
+        a.merge({**b.digest(), "rebalanced": ["n2"]}, now=4.0)

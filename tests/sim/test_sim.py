@@ -6,6 +6,7 @@ print(simulate(SEED))"` (add `conflicts="lww"`, `drop=...` as the failing test d
 import pytest
 
 from dynamo import versions
+from dynamo.service import DynamoService
 
 from .harness import simulate
 
@@ -142,3 +143,31 @@ def test_many_seeds_on_clusters_of_5_to_20_nodes(size):
         result = simulate(seed, "vclock", keys=20, ops=300, size=size, drop=0.05, hinted_handoff=bool(seed % 2),
                           aae_within_s=AAE_BOUND_S)
         _check(result)
+
+
+REAP_SEEDS = range(0, 8)
+
+
+@pytest.mark.parametrize("seed", REAP_SEEDS)
+def test_reaping_tombstones_brings_no_deleted_value_back_and_loses_no_later_write(seed):
+    # grace 3 s: hints live 1.5 s here, so some expire during the faults (the harsh case)
+    result = simulate(seed, "vclock", ops=300, reap_grace_s=3.0)
+    _check(result)
+    assert result.acked > 20
+    # the harness deletes every key at the end and waits until every tombstone is reaped
+    assert result.faults["tombstones_reaped"] >= 9
+
+
+def test_the_checker_catches_a_fallback_copy_that_outlives_a_reaped_tombstone(monkeypatch):
+    async def keep_stray_copies(self, keys):
+        pass
+
+    monkeypatch.setattr(DynamoService, "_drop_stray_copies", keep_stray_copies)
+    assert any(simulate(seed, "vclock", ops=300, reap_grace_s=3.0).failed() for seed in (4, 7, 8))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", range(4))
+def test_reaping_for_many_seeds_under_heavy_faults(chunk):
+    for seed in range(1000 + 25 * chunk, 1000 + 25 * (chunk + 1)):
+        _check(simulate(seed, "vclock", ops=300, drop=0.1, duplicate=0.05, reap_grace_s=8.0))
