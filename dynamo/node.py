@@ -221,13 +221,18 @@ class Replica:
             local = self.fetch(key)
             if still_owner or self.hints.has_key(key) or local is None:
                 return False
-            # Only an actor that minted on this key could mint a colliding dot later.
-            if local.clock.get(self.actor):
-                self.new_epoch()
-            await self._write([("delete", data_key(key), None)])
-            if self.on_change is not None:
-                self.on_change(key, None)
+            await self._delete_local(key, local)
             return True
+
+    async def _delete_local(self, key: bytes, local: VersionedObject, other_ops: list = ()) -> None:
+        """Delete this node's copy of `key` (held under its key lock), in one engine batch
+        after `other_ops`. Only an actor that minted on this key could mint a colliding dot
+        later, so when `local` names this node's actor a new epoch is taken first."""
+        if local.clock.get(self.actor):
+            self.new_epoch()
+        await self._write(list(other_ops) + [("delete", data_key(key), None)])
+        if self.on_change is not None:
+            self.on_change(key, None)
 
     def _check(self) -> None:
         """Every stored object decodes and holds its invariants; the hint index matches the
@@ -252,11 +257,7 @@ class Replica:
             local = self.fetch(key)
             if local is None or not local.is_deleted or not local.same_as(tombstone):
                 return False
-            if local.clock.get(self.actor):
-                self.new_epoch()
-            await self._write([("delete", data_key(key), None)])
-            if self.on_change is not None:
-                self.on_change(key, None)
+            await self._delete_local(key, local)
             return True
 
     async def forget_hint_and_drop(self, key: bytes, take_hint_ops, still_owner: bool) -> bool:
@@ -272,11 +273,7 @@ class Replica:
                 if hint_ops:
                     await self._write(hint_ops)
                 return False
-            if local.clock.get(self.actor):
-                self.new_epoch()
-            await self._write(list(hint_ops) + [("delete", data_key(key), None)])
-            if self.on_change is not None:
-                self.on_change(key, None)
+            await self._delete_local(key, local, hint_ops)
             return True
 
 
