@@ -29,11 +29,13 @@ _MISSING = object()
 
 
 class Memtable:
-    __slots__ = ("data", "bytes", "wal_numbers", "_arrivals", "_sorted", "_merged", "_lock")
+    __slots__ = ("data", "bytes", "deletes", "wal_numbers", "_arrivals", "_sorted", "_merged", "_lock")
 
     def __init__(self, wal_numbers: tuple[int, ...] = ()) -> None:
         self.data: dict[bytes, bytes] = {}
         self.bytes = 0
+        # Tombstones put so far: a scan of a memtable without any need not look for them.
+        self.deletes = 0
         # The logs whose records this memtable holds: deleted once it is flushed.
         self.wal_numbers = list(wal_numbers)
         self._arrivals: list[bytes] = []
@@ -42,6 +44,8 @@ class Memtable:
         self._lock = threading.Lock()
 
     def put(self, key: bytes, value: bytes) -> None:
+        if value is TOMBSTONE:
+            self.deletes += 1
         data = self.data
         old = data.get(key, _MISSING)
         if old is _MISSING:
@@ -84,3 +88,5 @@ class Memtable:
             assert set(self._arrivals) == self.data.keys()
             assert self._sorted == sorted(self._arrivals[: self._merged]), "sorted key cache is stale"
             assert self.bytes == sum(len(k) + len(v) for k, v in self.data.items()), "memtable bytes drifted"
+            tombstones = sum(value is TOMBSTONE for value in self.data.values())
+            assert self.deletes >= tombstones, f"{tombstones} tombstones but {self.deletes} deletes counted"

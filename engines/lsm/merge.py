@@ -19,6 +19,7 @@ Reverse merges mirror this: chunks are consumed from their high end, the bound i
 largest first key, and the output is in descending order.
 
 Tombstones are passed through: a scan skips them, a compaction keeps or drops them.
+Scans with a small limit do not come here: short_scan.py answers them in one merge.
 """
 from __future__ import annotations
 
@@ -160,11 +161,10 @@ def merge_chunks(sources: list, reverse: bool = False) -> Iterator[tuple[list, l
         if len(cursors) == 1:
             only = cursors[0]
             while True:
-                keys, values = only.keys[only.lo:only.hi], only.values[only.lo:only.hi]
-                if reverse:
-                    keys.reverse()
-                    values.reverse()
-                yield keys, values
+                if not reverse:
+                    yield only.keys[only.lo:only.hi], only.values[only.lo:only.hi]
+                else:  # chunks may be a cached block's tuples: reversed copies
+                    yield only.keys[only.lo:only.hi][::-1], only.values[only.lo:only.hi][::-1]
                 if not only.refill():
                     return
         if not reverse:
@@ -193,7 +193,7 @@ def merge_chunks(sources: list, reverse: bool = False) -> Iterator[tuple[list, l
             keys = sorted(merged)
             values = list(map(merged.__getitem__, keys))
         if reverse:
-            keys.reverse()
-            values.reverse()
+            keys = keys[::-1]
+            values = values[::-1]
         yield keys, values
         cursors = [c for c in cursors if c.lo < c.hi or c.refill()]

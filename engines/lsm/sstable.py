@@ -11,7 +11,7 @@ is a few C-level slices instead of a struct call per entry:
 
     >>> blob = encode_block([b"a", b"b"], [b"1", TOMBSTONE])
     >>> decode_block(blob)
-    ([b'a', b'b'], [b'1', b''])
+    ((b'a', b'b'), (b'1', TOMBSTONE))
 
 (the second value is the `TOMBSTONE` singleton: `v is TOMBSTONE` tells a delete from an
 empty value). The index keeps the last key of every block in memory, so a get is a Bloom
@@ -31,7 +31,6 @@ import zlib
 from array import array
 from bisect import bisect_left
 from collections import OrderedDict
-from functools import lru_cache
 from itertools import accumulate, chain, repeat
 from operator import add, is_
 
@@ -117,117 +116,101 @@ def encode_block(keys: list, values: list) -> bytes:
     )
 
 
-def decode_block(data) -> tuple[list, list]:
-    """(keys, values) of a data block's contents; raises ValueError when lengths disagree."""
+def decode_block(data) -> tuple[tuple, tuple]:
+    """(keys, values) of a data block's contents, as tuples; raises ValueError when lengths
+    disagree.
+
+    Tuples, not lists: a cached block is shared by every reader and must not change, and
+    the garbage collector stops tracking a tuple of bytes after its first look at it, so
+    thousands of cached blocks do not slow every full collection down.
+
+    Keys or values of one size throughout (16-byte keys, 100-byte values: common) are cut
+    by one struct.unpack; such runs are recognised by comparing the encoded end offsets
+    with those of even pieces, a C-level bytes comparison (see `_split`)."""
     (n,) = _U32.unpack_from(data, 0)
     head = 4 + 9 * n
     if head > len(data):
         raise ValueError(f"block claims {n} entries but holds {len(data)} bytes")
-    key_ends = _u32_array(data, 4, n)
-    value_ends = _u32_array(data, 4 + 4 * n, n)
-    keys_size = key_ends[-1] if n else 0
-    values_size = value_ends[-1] if n else 0
+    if not n:
+        if head != len(data):
+            raise ValueError(f"empty block of {len(data)} bytes")
+        return (), ()
+    keys_size = _U32.unpack_from(data, 4 * n)[0]
+    values_size = _U32.unpack_from(data, 8 * n)[0]
     if head + keys_size + values_size != len(data):
         raise ValueError(f"block of {len(data)} bytes: its offsets describe {head + keys_size + values_size}")
-    key_area = data[head:head + keys_size]
-    value_area = data[head + keys_size:]
-    keys = _split(key_area, key_ends, n)
-    values = _split(value_area, value_ends, n)
+    keys = _split(data, 4, head, keys_size, n)
+    values = _split(data, 4 + 4 * n, head + keys_size, values_size, n)
     kinds = data[4 + 8 * n:head]
-    if any(kinds):
+    if kinds.count(0) != n:
+        values = list(values)
         for i, kind in enumerate(kinds):
             if kind == KIND_DELETE:
                 values[i] = TOMBSTONE
             elif kind != KIND_PUT:
                 raise ValueError(f"entry {i} has unknown kind {kind}")
+        values = tuple(values)
     return keys, values
 
 
-def search_block(data: bytes, key: bytes):
-    """The value (maybe TOMBSTONE) of `key` in a block's contents, or None; a binary search
-    over the encoded block, decoding only the keys it compares (a get needs no more).
-
-    Raises ValueError or IndexError when the block's offsets do not hold together."""
-    (n,) = _U32.unpack_from(data, 0)
-    key_ends = _u32_array(data, 4, n)
-    head = 4 + 9 * n
-    lo, hi = 0, n
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        begin = key_ends[mid - 1] if mid else 0
-        if data[head + begin:head + key_ends[mid]] < key:
-            lo = mid + 1
-        else:
-            hi = mid
-    if lo == n or data[head + (key_ends[lo - 1] if lo else 0):head + key_ends[lo]] != key:
-        return None
-    kind = data[4 + 8 * n + lo]
-    if kind == KIND_DELETE:
-        return TOMBSTONE
-    if kind != KIND_PUT:
-        raise ValueError(f"entry {lo} has unknown kind {kind}")
-    values_at = head + key_ends[n - 1]
-    ends_at = 4 + 4 * n + 4 * lo  # value_ends[lo], and value_ends[lo - 1] before it
-    begin = _U32.unpack_from(data, ends_at - 4)[0] if lo else 0
-    (finish,) = _U32.unpack_from(data, ends_at)
-    if begin > finish or values_at + finish > len(data):
-        raise ValueError(f"entry {lo} has value offsets {begin}..{finish} outside its block")
-    return data[values_at + begin:values_at + finish]
+# (width, n) -> (the encoded end offsets of n pieces of `width` bytes, a Struct that cuts
+# them). A plain dict: an lru_cache wrapper costs more than the unpack it saves. Bounded:
+# cleared when it reaches _EVEN_LIMIT shapes (blocks of one store have a handful).
+_even_shapes: dict = {}
+_EVEN_LIMIT = 4096
 
 
-@lru_cache(maxsize=512)
-def _even_ends(width: int, n: int) -> array:
-    return array(_U32_CODE, range(width, width * n + 1, width))
+def _even_shape(width: int, n: int) -> tuple[bytes, struct.Struct]:
+    if len(_even_shapes) >= _EVEN_LIMIT:
+        _even_shapes.clear()
+    shape = _even_shapes[width, n] = (_pack_u32(range(width, width * n + 1, width)), struct.Struct(f"{width}s" * n))
+    return shape
 
 
-@lru_cache(maxsize=512)
-def _even_splitter(width: int, n: int) -> struct.Struct:
-    return struct.Struct(f"{width}s" * n)
-
-
-def _split(area: bytes, ends: array, n: int) -> list:
-    """area cut at `ends`. When every piece has the same length (fixed-size keys or values,
-    common in practice) one struct.unpack cuts them all in C, 3x faster than slicing."""
-    if n and ends[0] and ends == _even_ends(ends[0], n):
-        return list(_even_splitter(ends[0], n).unpack(area))
-    return [area[a:b] for a, b in zip(chain((0,), ends), ends)]
+def _split(data, ends_at: int, area_at: int, area_size: int, n: int) -> tuple:
+    """The n pieces of the area at `area_at` whose end offsets (u32, relative to the area)
+    are encoded at `ends_at`. When every piece has the same length, one struct.unpack
+    cuts them all in C (3x faster than slicing); otherwise they are sliced one by one."""
+    width = area_size // n
+    if width and width * n == area_size:
+        shape = _even_shapes.get((width, n)) or _even_shape(width, n)
+        if data[ends_at:ends_at + 4 * n] == shape[0]:
+            return shape[1].unpack_from(data, area_at)
+    ends = _u32_array(data, ends_at, n)
+    area = data[area_at:area_at + area_size]
+    return tuple([area[a:b] for a, b in zip(chain((0,), ends), ends)])
 
 
 class BlockCache:
-    """Decoded blocks shared by every table of an engine, bounded by `capacity_bytes`.
+    """Decoded blocks, (keys, values) tuples, shared by every table of an engine, bounded
+    by `capacity_bytes`.
 
-    Bounded by the encoded size of the blocks it holds; the decoded lists cost about twice
-    that in Python objects. Keys are (table file number, block index). Eviction is
-    first-in first-out (an OrderedDict in insertion order): a hit is one lock-free lookup,
-    which matters more to a Python get than LRU's better hit rate would."""
+    Bounded by the encoded size of the blocks it holds; decoded, they cost about 1.6 times
+    that in Python objects (16-byte keys, 100-byte values). The key of block i
+    of table number t is the int `t << 32 | i` (`cache_key`): hashing an int is cheaper
+    than a tuple. Eviction is first-in first-out (an OrderedDict in insertion order): a hit
+    is one lock-free lookup, which matters more to a Python get than LRU's better hit rate
+    would."""
 
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
         # OrderedDict, not dict: popping the oldest of a plain dict leaves holes at its
         # front that every later `next(iter(...))` walks over (quadratic).
         self._blocks: OrderedDict = OrderedDict()
+        # (block, size) or None, without the lock: a single dict read is atomic.
+        self.lookup = self._blocks.get
         self._bytes = 0
         self._lock = threading.Lock()
         self.misses = 0
 
     def get(self, cache_key):
-        """(block, size) or None. `block` is the verified encoded bytes (cached by a get)
-        or the decoded (keys, values) (cached by a scan)."""
+        """((keys, values), size) or None."""
         return self._blocks.get(cache_key)
 
-    def upgrade(self, cache_key, block) -> None:
-        """Replace a cached encoded block by its decoded form (same size accounting)."""
-        with self._lock:
-            entry = self._blocks.get(cache_key)
-            if entry is not None:
-                self._blocks[cache_key] = (block, entry[1])
-
     def put(self, cache_key, block, size: int) -> None:
-        if size > self.capacity_bytes:
-            return
         with self._lock:
             self.misses += 1
-            if cache_key in self._blocks:
+            if size > self.capacity_bytes or cache_key in self._blocks:
                 return
             self._blocks[cache_key] = (block, size)
             self._bytes += size
@@ -236,7 +219,7 @@ class BlockCache:
 
     def drop_table(self, number: int) -> None:
         with self._lock:
-            for cache_key in [k for k in self._blocks if k[0] == number]:
+            for cache_key in [k for k in self._blocks if k >> 32 == number]:
                 self._bytes -= self._blocks.pop(cache_key)[1]
 
     def _check(self) -> None:
@@ -346,7 +329,9 @@ class Table:
     """
 
     __slots__ = ("number", "path", "size", "entries", "tombstones", "smallest", "largest", "last_keys",
-                 "_offsets", "_sizes", "_bloom", "_file", "_map", "_cache", "__weakref__")
+                 "bloom_bits", "bloom_num_bits", "bloom_more_steps",
+                 "_offsets", "_sizes", "_bloom", "_file", "_map", "_cache", "_lookup", "_cache_base",
+                 "__weakref__")
 
     def __init__(self, path: str, number: int, cache: BlockCache) -> None:
         import weakref
@@ -354,6 +339,8 @@ class Table:
         self.number = number
         self.path = path
         self._cache = cache
+        self._lookup = cache.lookup
+        self._cache_base = number << 32  # + block index = the block's cache key
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -404,6 +391,10 @@ class Table:
             self._bloom = BloomFilter.decode(self._read(bloom_offset, bloom_size))
         except ValueError as exc:
             raise CorruptionError(path, bloom_offset, f"bad bloom filter: {exc}") from None
+        # For the engine's get, which probes the filters of several tables inline.
+        self.bloom_bits = self._bloom.bits
+        self.bloom_num_bits = self._bloom.num_bits
+        self.bloom_more_steps = range(self._bloom.num_hashes - 1)
 
     def _read(self, offset: int, size: int) -> bytes:
         """The contents of the block at `offset`, checked against the crc that follows it."""
@@ -420,60 +411,43 @@ class Table:
     def block_count(self) -> int:
         return len(self.last_keys)
 
-    def block(self, index: int, use_cache: bool = True) -> tuple[list, list]:
-        """(keys, values) of data block `index`, from the cache or read and checked.
+    def block(self, index: int, use_cache: bool = True) -> tuple[tuple, tuple]:
+        """(keys, values) of data block `index`, from the cache or read, checked, decoded
+        and cached.
 
         Compaction passes use_cache=False: it reads each block once, and must not push
         the blocks that gets and scans use out of the cache."""
-        cache_key = (self.number, index)
-        entry = self._cache.get(cache_key) if use_cache else None
-        if entry is not None:
-            block = entry[0]
-            if block.__class__ is not bytes:
-                return block
-            data = block  # encoded, cached by a get: decode it once, for every later scan
-        else:
-            data = self._read(self._offsets[index], self._sizes[index])
+        if use_cache:
+            entry = self._lookup(self._cache_base + index)
+            if entry is not None:
+                return entry[0]
+        data = self._read(self._offsets[index], self._sizes[index])
         try:
             block = decode_block(data)
         except (ValueError, struct.error) as exc:
             raise CorruptionError(self.path, self._offsets[index], f"bad data block: {exc}") from None
-        if entry is not None:
-            self._cache.upgrade(cache_key, block)
-        elif use_cache:
-            self._cache.put(cache_key, block, len(data))
+        if use_cache:
+            self._cache.put(self._cache_base + index, block, len(data))
         return block
 
     def get(self, key: bytes, hash_pair) -> bytes | None:
         """The value (maybe TOMBSTONE) this table holds for `key`, or None."""
-        # The Bloom probe, inlined (a get runs it once per candidate table).
-        bloom = self._bloom
-        h1, h2 = hash_pair
-        m = bloom.num_bits
-        bits = bloom.bits
-        for _ in bloom.steps:
-            p = h1 % m
-            if not (bits[p >> 3] >> (p & 7)) & 1:
-                return None
-            h1 += h2
-        index = bisect_left(self.last_keys, key)
-        if index == len(self.last_keys):
+        if not self._bloom.may_contain(hash_pair):
             return None
-        entry = self._cache.get((self.number, index))
-        if entry is None:
-            # Not cached: search the encoded block (a full decode costs 3x more), and cache
-            # it encoded; a scan that reads it later decodes it in place.
-            data = self._read(self._offsets[index], self._sizes[index])
-            self._cache.put((self.number, index), data, len(data))
-            block = data
-        else:
-            block = entry[0]
-        if block.__class__ is bytes:
-            try:
-                return search_block(block, key)
-            except (ValueError, IndexError, struct.error) as exc:
-                raise CorruptionError(self.path, self._offsets[index], f"bad data block: {exc}") from None
-        keys, values = block
+        return self.find(key)
+
+    def find(self, key: bytes) -> bytes | None:
+        """`get` after its Bloom probe passed: the value (maybe TOMBSTONE) or None.
+
+        Cached blocks are decoded: a bisect over the index, a dict lookup, a bisect in the
+        block, all C. An uncached block is decoded whole (one struct.unpack for even keys or
+        values) and cached, which costs about what searching it encoded would."""
+        last_keys = self.last_keys
+        index = bisect_left(last_keys, key)
+        if index == len(last_keys):
+            return None
+        entry = self._lookup(self._cache_base + index)
+        keys, values = self.block(index) if entry is None else entry[0]
         i = bisect_left(keys, key)
         if i < len(keys) and keys[i] == key:
             return values[i]
