@@ -51,8 +51,14 @@ def not_in_mode(feature: str, mode: str, offered_by: str) -> NotSupportedInMode:
     )
 
 
+_PLAIN_TYPES = (str, int, float, bool, type(None))
+
+
 def to_jsonable(value: Any) -> Any:
     """Make service output JSON-safe: bytes become text when UTF-8, else base64."""
+    # Most leaves are plain (every request's payload passes through here): out first.
+    if type(value) in _PLAIN_TYPES:
+        return value
     if isinstance(value, (bytes, bytearray, memoryview)):
         raw = bytes(value)
         try:

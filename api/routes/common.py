@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import urllib.parse
 from typing import Any, Iterable
 
@@ -80,21 +81,32 @@ class Params:
     """The query parameters of one request, checked against the ones its route allows."""
 
     def __init__(self, request: web.Request, allowed: Iterable[str]):
-        self.query = request.query
-        self.raw_query = request.rel_url.raw_query_string
+        self.query = query = request.query
+        self._request = request
         self.limits = limits_of(request)
-        allowed = set(allowed)
-        unknown = sorted(set(self.query) - allowed)
-        if unknown:
+        # Most requests carry no query string at all: nothing to check then. This runs on
+        # every request, so the checks below are skipped rather than run over nothing.
+        if not query:
+            return
+        names = set(query)
+        allowed = _allowed_set(allowed)
+        if not names <= allowed:
+            unknown = sorted(names - allowed)
             raise invalid(
                 "parameter",
                 f"unknown query parameter {unknown[0]!r} for {request.method} on this path; "
                 f"allowed: {', '.join(sorted(allowed)) or 'none'}",
                 parameter=unknown[0],
             )
-        for name in allowed:
-            if len(self.query.getall(name, [])) > 1:
-                raise invalid(name, f"{name} is given more than once; give it once")
+        if len(names) != len(query):  # some name is repeated: find which, as before
+            for name in allowed:
+                if len(query.getall(name, [])) > 1:
+                    raise invalid(name, f"{name} is given more than once; give it once")
+
+    @property
+    def raw_query(self) -> str:
+        """The query string as the client sent it (only key-like parameters need it)."""
+        return self._request.rel_url.raw_query_string
 
     def has(self, name: str) -> bool:
         return name in self.query
@@ -168,6 +180,19 @@ class Params:
 
     def request_id(self) -> str | None:
         return self.string("request_id", max_chars=self.limits.max_request_id_chars)
+
+
+@functools.lru_cache(maxsize=64)
+def _allowed_set_cached(allowed: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(allowed)
+
+
+def _allowed_set(allowed: Iterable[str]) -> frozenset[str] | set[str]:
+    # Routes pass module-level tuples: their sets are built once (a bounded cache), not
+    # per request.
+    if isinstance(allowed, tuple):
+        return _allowed_set_cached(allowed)
+    return set(allowed)
 
 
 def key_from_path(request: web.Request, route_prefix: str) -> bytes:

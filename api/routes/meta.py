@@ -10,6 +10,7 @@ service's own `metrics()` as `capkv_<name>` gauges:
 """
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from importlib import metadata
@@ -59,8 +60,13 @@ class HttpMetrics:
         lkey = (route, method)
         if lkey not in self.latency and len(self.latency) >= MAX_SERIES:
             lkey = ("other", "other")
-        counts, total = self.latency.setdefault(lkey, ([0] * (len(LATENCY_BUCKETS) + 1), [0.0]))
-        index = next((i for i, bound in enumerate(LATENCY_BUCKETS) if seconds <= bound), len(LATENCY_BUCKETS))
+        series = self.latency.get(lkey)
+        if series is None:
+            series = self.latency[lkey] = ([0] * (len(LATENCY_BUCKETS) + 1), [0.0])
+        counts, total = series
+        # The first bucket whose bound is >= seconds (le is inclusive); past the last, +Inf.
+        # bisect_left finds it without a Python-level loop: this runs on every request.
+        index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
         counts[index] += 1
         total[0] += seconds
 
