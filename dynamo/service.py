@@ -64,6 +64,12 @@ class APOptions:
     # the change has landed (or timed out: the default client timeout is 5 s) by then.
     # Reads ask the old primaries too until every node of the old ring reports V done.
     handover_s: float = 5.0
+    # A removed node that has not reported yet is asked every gossip round; after this many
+    # rounds in a row without an answer it is taken for dead (removing a dead node is how a
+    # failed machine is replaced) and the handover stops waiting for it: what it alone held
+    # (writes acknowledged by it and nobody else) is lost, as with Riak's force-remove.
+    # Should it come back, it still streams its keys to their new owners.
+    departed_down_after: int = 6
     rebalance_retry_s: float = 1.0  # pause between rebalancing passes that left keys behind
     tombstones: ReapPolicy = ReapPolicy()
 
@@ -175,6 +181,7 @@ class DynamoService:
         )
         self.detector = CombinedDetector(self.request_detector, self._gossip_status)
         self._gossip_calls: dict[str, asyncio.Task] = {}
+        self._departed_failures: dict[str, int] = {}  # removed node -> gossip rounds unanswered
         self._previous_ring: Ring | None = None
         self._previous_members: dict[str, Member] = {}
         self._rebalancing = 0
@@ -690,14 +697,21 @@ class DynamoService:
             return self._previous_ring
         self._previous_ring = None
         self._previous_members = {}
+        self._departed_failures.clear()
         return None
 
     def _handover_waiting(self) -> list[str]:
         """Nodes that held data under the old ring (departed ones included) and have not
-        reported the current ring version rebalanced. A down one keeps the handover open."""
+        reported the current ring version rebalanced. A down member keeps the handover
+        open; a removed node only until `departed_down_after` gossip rounds in a row went
+        unanswered (`_ask_departed`)."""
         if self._previous_ring is None or self.gossip is None:
             return []
-        return self.gossip.waiting_for(self._previous_ring.nodes)
+        limit = self.options.departed_down_after
+        return [
+            node for node in self.gossip.waiting_for(self._previous_ring.nodes)
+            if node in self.members or self._departed_failures.get(node, 0) < limit
+        ]
 
     def _departed(self) -> list[Member]:
         """Members of the old ring no longer in the list (this node too, once removed)."""
@@ -863,10 +877,12 @@ class DynamoService:
             self.gossip.tick(now)
             self.gossip.mark_suspects(now)
             self._count("gossip_rounds")
-            for peer in self.gossip.pick_peers(self.rng):
+            departed = [n for n in self._handover_waiting() if n not in self.members and n != self.node_id]
+            for peer in self.gossip.pick_peers(self.rng) + departed:
                 if peer in self._gossip_calls:
                     continue
-                task = asyncio.ensure_future(self._gossip_with(peer))
+                call = self._ask_departed(peer) if peer in departed else self._gossip_with(peer)
+                task = asyncio.ensure_future(call)
                 self._gossip_calls[peer] = task
                 task.add_done_callback(lambda _, peer=peer: self._gossip_calls.pop(peer, None))
 
@@ -876,6 +892,24 @@ class DynamoService:
             reply = await self.coordinator.call(peer, "gossip", self.gossip.digest(), deadline)
             await self._merge_gossip(reply)
         except (PeerUnreachable, RemoteError, KeyError, TypeError, ValueError):
+            self._count("gossip_failures")
+
+    async def _ask_departed(self, node: str) -> None:
+        """Swap views with a removed node that has not reported its transfers done yet (it
+        is not a gossip partner any more), counting the rounds in a row it did not answer."""
+        deadline = asyncio.get_running_loop().time() + self.options.coordinator.peer_timeout_s
+        try:
+            reply = await self.coordinator.call(node, "gossip", self.gossip.digest(), deadline)
+        except PeerUnreachable:
+            self._departed_failures[node] = self._departed_failures.get(node, 0) + 1
+            return
+        except RemoteError:  # it answered (starting, say): alive
+            self._departed_failures[node] = 0
+            return
+        self._departed_failures[node] = 0
+        try:
+            await self._merge_gossip(reply)
+        except (KeyError, TypeError, ValueError):
             self._count("gossip_failures")
 
     async def _handoff_loop(self) -> None:

@@ -264,3 +264,26 @@ async def test_no_doomstone_a_late_handoff_of_an_old_value_cannot_resurrect_it(c
     assert c[away].local_get(key).siblings == [b"v2"]
     for node in c.nodes.values():
         assert (await node.get(key, r=3)).siblings == [b"v2"]
+
+
+async def test_removing_a_dead_node_closes_the_handover_and_keeps_every_key(cluster):
+    """Replacing a failed machine: n4 is gone for good, the operator removes it. The others
+    must not wait forever for n4 to report its transfers (reads would ask the old owners,
+    and tombstone reaping would pause, until the next ring change); every key written
+    with W=2 is still readable from the survivors."""
+    c = await cluster(4, replicas=3, read_quorum=2, write_quorum=2)
+    for i in range(40):
+        await c["n1"].put(b"k%d" % i, b"v%d" % i)
+    await c.kill("n4")
+    await c["n1"].remove_member("n4")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while True:
+        views = [(await c[n].status())["handover"] for n in ("n1", "n2", "n3")]
+        if not any(view["active"] for view in views):
+            break
+        assert loop.time() < deadline, f"handover still open, waiting for {[v['waiting_for'] for v in views]}"
+        await asyncio.sleep(0.2)
+    for i in range(40):
+        read = await c["n2"].get(b"k%d" % i)
+        assert read.siblings == [b"v%d" % i]
