@@ -19,9 +19,11 @@ delivered, so the hand-over has no gap and no duplicate.
 
 Bounds: the hub's pending list (`max_pending_revisions`: past it the pending events are
 dropped and every watcher re-reads them from the engine); each watcher's queue
-(`queue_batches`: a live watcher that falls that far behind gets a final canceled batch
-and is dropped; during replay it just re-reads from the engine); replay reads at most
-`replay_batch_events` events at a time.
+(`queue_batches`, and `queue_events` since one batch may hold a range delete or a lease
+revoke of 10,000 keys: a live watcher that falls that far behind gets a final canceled
+batch and is dropped; during replay it just re-reads from the engine); replay reads at
+most `replay_batch_events` events at a time. Watchers without `prev` share one copy of a
+revision's events stripped of their previous values, made once, not one per watcher.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from api.service import Compacted, WatchBatch, WatchEvent
 @dataclasses.dataclass(frozen=True)
 class WatchLimits:
     queue_batches: int = 1024
+    queue_events: int = 100_000  # events queued for one watcher, in all its batches
     replay_batch_events: int = 1000
     max_pending_revisions: int = 100_000
     max_watchers: int = 10_000
@@ -51,31 +54,51 @@ def in_range(key: bytes, start: bytes, end: bytes | None) -> bool:
 
 
 class _Watcher:
-    def __init__(self, start: bytes, end: bytes | None, prev: bool, capacity: int):
+    def __init__(self, start: bytes, end: bytes | None, prev: bool, capacity: int, event_capacity: int):
         self.start = start
         self.end = end
         self.prev = prev
         self.capacity = capacity
+        self.event_capacity = event_capacity
         self.queue: collections.deque[WatchBatch] = collections.deque()
+        self.queued_events = 0
         self.wakeup = asyncio.Event()
         self.replaying = True  # reading history from the engine; live batches may be dropped
         self.behind = False  # live batches were dropped: re-read from the engine
         self.overflowed = False
         self.stopping = False
 
-    def offer(self, revision: int, events: list[WatchEvent]) -> None:
-        mine = [e if self.prev else WatchEvent(e.type, e.kv, None) for e in events if in_range(e.kv.key, self.start, self.end)]
+    def offer(self, revision: int, events: list[WatchEvent], stripped: list[WatchEvent]) -> None:
+        """Queue what of one revision's events this watcher covers; `stripped` are the same
+        events without previous values, for a watcher that did not ask for them."""
+        if self.overflowed:
+            # Its queue was dropped: anything queued now would follow a gap, and a client
+            # resuming from the last revision it saw would skip what was dropped. It gets
+            # its cancel next, and nothing after.
+            return
+        mine = [e for e in (events if self.prev else stripped) if in_range(e.kv.key, self.start, self.end)]
         if not mine:
             return
-        if len(self.queue) >= self.capacity:
-            self.queue.clear()
+        full = len(self.queue) >= self.capacity or (self.queue and self.queued_events + len(mine) > self.event_capacity)
+        if full:
+            self.clear()
             if self.replaying:
                 self.behind = True
             else:
                 self.overflowed = True
         else:
             self.queue.append(WatchBatch(revision=revision, events=mine))
+            self.queued_events += len(mine)
         self.wakeup.set()
+
+    def clear(self) -> None:
+        self.queue.clear()
+        self.queued_events = 0
+
+    def take(self) -> WatchBatch:
+        batch = self.queue.popleft()
+        self.queued_events -= len(batch.events)
+        return batch
 
 
 class WatchHub:
@@ -126,14 +149,17 @@ class WatchHub:
             dropped = True  # a snapshot replaced the store: no events came for what it holds
         if dropped:
             for watcher in self.watchers:
-                watcher.queue.clear()
+                watcher.clear()
                 watcher.behind = True
                 watcher.wakeup.set()
         leases = []
         for revision, events, lease_changes in pending:
             if events:
+                stripped = events
+                if any(e.prev is not None for e in events) and any(not w.prev for w in self.watchers):
+                    stripped = [WatchEvent(e.type, e.kv, None) for e in events]
                 for watcher in self.watchers:
-                    watcher.offer(revision, events)
+                    watcher.offer(revision, events, stripped)
             if lease_changes:
                 leases.extend(lease_changes)
             self.revision = max(self.revision, revision)
@@ -158,7 +184,7 @@ class WatchHub:
             from api.service import Unavailable
 
             raise Unavailable(f"this node serves {self.limits.max_watchers} watches already", reason="too_many_watches")
-        watcher = _Watcher(start, end, prev, self.limits.queue_batches)
+        watcher = _Watcher(start, end, prev, self.limits.queue_batches, self.limits.queue_events)
         # Pinned now; the watcher registers when first iterated (an iterator never started
         # holds nothing), still before its first history read: nothing falls in between.
         next_revision = start_revision if start_revision else self.sm.revision + 1
@@ -196,7 +222,7 @@ class WatchHub:
                         watcher.replaying = False
                     continue
                 if watcher.queue:
-                    batch = watcher.queue.popleft()
+                    batch = watcher.take()
                     if batch.revision < next_revision:
                         continue  # already replayed from the engine
                     next_revision = batch.revision + 1
@@ -206,7 +232,8 @@ class WatchHub:
                 if watcher.overflowed:
                     self.canceled_slow += 1
                     yield WatchBatch(revision=self.revision, events=[], canceled=True,
-                                     reason=f"watcher fell more than {watcher.capacity} batches behind")  # fmt: skip
+                                     reason=f"watcher fell more than {watcher.capacity} batches or "
+                                            f"{watcher.event_capacity} events behind")  # fmt: skip
                     return
                 watcher.wakeup.clear()
                 try:

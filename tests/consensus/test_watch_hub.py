@@ -60,3 +60,34 @@ async def test_pending_overflow_drops_events_and_watchers_catch_up_from_history(
     assert [r for _, _, r in events] == list(range(2, 22)), "every revision once, in order"
     await watch.aclose()
     assert not hub.watchers
+
+
+async def test_a_watcher_behind_by_more_events_than_its_bound_is_canceled_even_in_few_batches():
+    """A range delete is one batch of up to 10,000 events: a watcher that does not read
+    is bounded by the events it holds, not only by its batch count."""
+    from consensus.state_machine import make_delete
+
+    sm = KVStateMachine(open_engine("memory"))
+    log = Log(sm)
+    hub = WatchHub(asyncio.get_running_loop(), sm, WatchLimits(queue_batches=100, queue_events=50))
+    sm.listener = hub.on_apply
+    for i in range(40):
+        log(make_put(b"a%02d" % i, b"v"))
+    slow = hub.watch(b"a", b"b", start_revision=None, prev=False, progress_interval=5)
+    reader = hub.watch(b"a", b"b", start_revision=None, prev=True, progress_interval=5)
+    first = asyncio.ensure_future(slow.__anext__())  # registers; takes one batch, then no more
+    got = asyncio.ensure_future(take(reader, 100))
+    await asyncio.sleep(0.05)
+    log(make_delete(b"a", b"b"))  # 40 events in one batch: within the bound
+    await asyncio.sleep(0.01)
+    for i in range(60):  # one batch each: the slow watcher passes 50 queued events
+        log(make_put(b"a%02d" % (i % 40), b"w"))
+        await asyncio.sleep(0.001)  # the reading watcher keeps up
+    batch = await asyncio.wait_for(first, 5)
+    assert len(batch.events) == 40 and all(e.prev is None for e in batch.events), "stripped of prev"
+    batch = await asyncio.wait_for(slow.__anext__(), 5)
+    assert batch.canceled and "50 events" in batch.reason
+    delivered = await asyncio.wait_for(got, 5)
+    assert len(delivered) == 100  # the other watcher, reading, missed nothing
+    await slow.aclose()
+    await reader.aclose()
