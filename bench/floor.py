@@ -1,0 +1,229 @@
+"""The floor of the stack: what aiohttp and pysyncobj cost before capkv does anything.
+
+    python -m bench.floor                  # http and raft floors beside etcd, 64 clients, 10 s
+    python -m bench.floor --seconds 5 --systems http,raft
+
+Issues #3 and #5 ask capkv to beat etcd 3.4 by 1.5x on puts and 2x on gets, on this
+2-core machine, under `bench.cluster`'s load (64 clients, 256-byte values, 10,000 keys).
+This script runs that same load generator against three stand-ins that do less than any
+correct capkv node could, each as three processes on loopback like a local-3 cluster:
+
+- `http`: three aiohttp servers whose handler reads the body and sets or looks up a dict
+  entry: no replication, no engine, no checks. The ceiling of any aiohttp-served store.
+- `raft`: three processes, each an aiohttp server in front of a pysyncobj node, whose PUT
+  handler calls one `@replicated` method that sets a dict entry, and answers when it is
+  committed. No journal (pysyncobj's in-memory log), no fsync, no password, no engine:
+  the ceiling of any aiohttp + pysyncobj store that commits a write before answering.
+- `etcd`: a 3-member etcd 3.4 through its JSON gateway, as in `bench.cluster`.
+
+It prints one JSON line per (system, workload) with ops/s, p50/p99, server CPU per op,
+the generator's CPU per op, and the ratio to etcd in the same run. If a floor is below a
+goal, no code of ours on this stack can meet that goal on this machine: the floor runs
+with every capkv cost removed. This is a measurement, never a timed test.
+
+Knobs (environment): FLOOR_RAFT_BATCH_S=0.002 runs the raft stand-in with pysyncobj's
+batching (commands sent on ticks that many seconds apart) instead of at once;
+FLOOR_UVLOOP=1 runs servers and generator on uvloop (needs `pip install uvloop`).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from .cluster import CapkvTarget, EtcdTarget, cpu_seconds, fill, free_ports, run_load, start_etcd, stop_procs
+
+WORKLOADS = {"http": ("put", "get-linearizable"), "raft": ("put",), "etcd": ("put", "get-linearizable")}
+
+
+# --- the stand-in servers (run as `python -m bench.floor serve ...`) ---------------------------
+
+
+def serve_http(port: int) -> None:
+    from aiohttp import web
+
+    store: dict[str, bytes] = {}
+
+    async def handle(request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        if request.method == "PUT":
+            store[key] = await request.read()
+            return web.json_response({"revision": len(store)})
+        # Each stand-in process has its own dict, so a key written through another one is
+        # a miss here: answered 200 all the same, as a lookup costs the same either way.
+        value = store.get(key, b"")
+        return web.json_response({"key": key, "value": value.decode("latin-1")})
+
+    app = web.Application()
+    app.router.add_route("*", "/v1/kv/{key:.*}", handle)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def serve_raft(port: int, peer: str, others: list[str]) -> None:
+    from aiohttp import web
+    from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+
+    class Store(SyncObj):
+        def __init__(self) -> None:
+            # The settings capkv uses for speed (consensus/raft_node.py): each command sent
+            # at once rather than on the next heartbeat.
+            # With FLOOR_RAFT_BATCH_S set, commands are batched instead and sent every that
+            # many seconds (pysyncobj's own batching), with the tick thread waking as often,
+            # to try the other trade-off.
+            batch_s = float(os.environ.get("FLOOR_RAFT_BATCH_S", "0"))
+            conf = SyncObjConf(
+                autoTickPeriod=batch_s if batch_s > 0 else 0.05,
+                appendEntriesUseBatch=batch_s > 0,
+                appendEntriesPeriod=batch_s if batch_s > 0 else 0.1,
+                dynamicMembershipChange=False,
+                commandsQueueSize=20_000,
+            )
+            super().__init__(peer, others, conf)
+            self._data: dict[str, bytes] = {}
+
+        @replicated
+        def set(self, key: str, value: bytes) -> int:
+            self._data[key] = value
+            return len(self._data)
+
+    store = Store()
+
+    async def handle(request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        value = await request.read()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def committed(result, error) -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result((result, error)))
+
+        store.set(key, value, callback=committed)
+        result, error = await done
+        if error != FAIL_REASON.SUCCESS:
+            return web.json_response({"error": str(error)}, status=503)
+        return web.json_response({"revision": result})
+
+    app = web.Application()
+    app.router.add_route("PUT", "/v1/kv/{key:.*}", handle)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+# --- the driver -----------------------------------------------------------------------------
+
+
+def start_floor(kind: str) -> tuple[list[subprocess.Popen], list[str]]:
+    ports = free_ports(6)
+    clients, peers = ports[0::2], [f"127.0.0.1:{p}" for p in ports[1::2]]
+    procs, urls = [], []
+    for i in range(3):
+        cmd = [sys.executable, "-m", "bench.floor", "serve", kind, "--port", str(clients[i])]
+        if kind == "raft":
+            cmd += ["--peer", peers[i], "--others", *[p for j, p in enumerate(peers) if j != i]]
+        procs.append(subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        urls.append(f"http://127.0.0.1:{clients[i]}")
+    return procs, urls
+
+
+async def wait_serving(target, timeout: float = 30.0) -> None:
+    import aiohttp
+
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        for node in range(len(target.urls)):
+            while True:
+                try:
+                    async with target.put(session, node, "floor/ready", b"x") as response:
+                        if response.status == 200:
+                            break
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{target.urls[node]} did not serve within {timeout} s")
+                await asyncio.sleep(0.2)
+
+
+async def measure(name: str, target, workloads, args) -> list[dict]:
+    await wait_serving(target)
+    await fill(target, args.keys, args.value_bytes)
+    lines = []
+    for workload in workloads:
+        generator_before = time.process_time()
+        result = await run_load(target, workload, args.clients, args.seconds, args.keys, args.value_bytes)
+        generator_cpu = time.process_time() - generator_before
+        line = {"system": name, **{k: v for k, v in result.as_json().items() if k != "system"}}
+        if result.ok:
+            line["generator_cpu_us_per_op"] = round(generator_cpu / result.ok * 1e6, 1)
+        lines.append(line)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get("FLOOR_UVLOOP"):
+        # uvloop is not a capkv dependency: this knob measured what it would save (little:
+        # aiohttp's own per-request work dominates), `pip install uvloop` to repeat it.
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    if argv[:1] == ["serve"]:
+        parser = argparse.ArgumentParser(prog="python -m bench.floor serve")
+        parser.add_argument("kind", choices=("http", "raft"))
+        parser.add_argument("--port", type=int, required=True)
+        parser.add_argument("--peer")
+        parser.add_argument("--others", nargs="*", default=[])
+        args = parser.parse_args(argv[1:])
+        if args.kind == "http":
+            serve_http(args.port)
+        else:
+            serve_raft(args.port, args.peer, args.others)
+        return 0
+
+    parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--systems", default="http,raft,etcd", help="comma-separated: http, raft, etcd")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--keys", type=int, default=10_000)
+    parser.add_argument("--value-bytes", type=int, default=256)
+    args = parser.parse_args(argv)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if not set(systems) <= set(WORKLOADS):
+        parser.error(f"--systems takes http, raft and/or etcd, not {args.systems!r}")
+    if "etcd" in systems and not shutil.which("etcd"):
+        print(json.dumps({"note": "etcd not installed (apt-get install etcd-server): no ratios"}))
+        systems.remove("etcd")
+
+    results: dict[str, list[dict]] = {}
+    workdir = tempfile.mkdtemp(prefix="capkv-floor-")
+    try:
+        for name in systems:
+            if name == "etcd":
+                procs, urls = start_etcd(workdir)
+                target = EtcdTarget(urls, [p.pid for p in procs])
+            else:
+                procs, urls = start_floor(name)
+                target = CapkvTarget(urls, "cp", [p.pid for p in procs])
+            try:
+                results[name] = asyncio.run(measure(name, target, WORKLOADS[name], args))
+            finally:
+                stop_procs(procs)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    etcd = {line["workload"]: line for line in results.get("etcd", [])}
+    for name in systems:
+        for line in results[name]:
+            reference = etcd.get(line["workload"])
+            if name != "etcd" and reference and reference["ops_per_s"]:
+                line["ratio_vs_etcd"] = round(line["ops_per_s"] / reference["ops_per_s"], 3)
+            print(json.dumps(line), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
