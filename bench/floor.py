@@ -8,6 +8,9 @@ Issues #3 and #5 ask capkv to beat etcd 3.4 by 1.5x on puts and 2x on gets, on t
 This script runs that same load generator against three stand-ins that do less than any
 correct capkv node could, each as three processes on loopback like a local-3 cluster:
 
+- `raw`: three processes of the thinnest HTTP/1.1 server asyncio allows (find the end of
+  the headers, skip Content-Length bytes, write a fixed answer): the ceiling of any
+  server written in Python on asyncio, aiohttp or not.
 - `http`: three aiohttp servers whose handler reads the body and sets or looks up a dict
   entry: no replication, no engine, no checks. The ceiling of any aiohttp-served store.
 - `raft`: three processes, each an aiohttp server in front of a pysyncobj node, whose PUT
@@ -39,7 +42,12 @@ import time
 
 from .cluster import CapkvTarget, EtcdTarget, cpu_seconds, fill, free_ports, run_load, start_etcd, stop_procs
 
-WORKLOADS = {"http": ("put", "get-linearizable"), "raft": ("put",), "etcd": ("put", "get-linearizable")}
+WORKLOADS = {
+    "raw": ("put", "get-linearizable"),
+    "http": ("put", "get-linearizable"),
+    "raft": ("put",),
+    "etcd": ("put", "get-linearizable"),
+}
 
 
 # --- the stand-in servers (run as `python -m bench.floor serve ...`) ---------------------------
@@ -63,6 +71,44 @@ def serve_http(port: int) -> None:
     app = web.Application()
     app.router.add_route("*", "/v1/kv/{key:.*}", handle)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def serve_raw(port: int) -> None:
+    """The thinnest HTTP/1.1 server asyncio allows: find the end of the headers, take
+    Content-Length bytes of body, answer a fixed JSON, keep the connection. No routing,
+    no parser beyond that, no error handling: the floor of any Python server at all."""
+    answer = b'{"revision": 1}'
+    response = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(answer),
+        answer,
+    )
+
+    class Raw(asyncio.Protocol):
+        def connection_made(self, transport) -> None:
+            self.transport = transport
+            self.buffer = b""
+
+        def data_received(self, data: bytes) -> None:
+            buffer = self.buffer + data
+            while True:
+                end = buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    break
+                head = buffer[:end].lower()
+                at = head.find(b"content-length:")
+                length = int(head[at + 15 : head.find(b"\r\n", at) if head.find(b"\r\n", at) > 0 else None]) if at >= 0 else 0
+                if len(buffer) < end + 4 + length:
+                    break
+                buffer = buffer[end + 4 + length :]
+                self.transport.write(response)
+            self.buffer = buffer
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Raw, "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
 
 
 def serve_raft(port: int, peer: str, others: list[str]) -> None:
@@ -173,19 +219,21 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     if argv[:1] == ["serve"]:
         parser = argparse.ArgumentParser(prog="python -m bench.floor serve")
-        parser.add_argument("kind", choices=("http", "raft"))
+        parser.add_argument("kind", choices=("raw", "http", "raft"))
         parser.add_argument("--port", type=int, required=True)
         parser.add_argument("--peer")
         parser.add_argument("--others", nargs="*", default=[])
         args = parser.parse_args(argv[1:])
-        if args.kind == "http":
+        if args.kind == "raw":
+            serve_raw(args.port)
+        elif args.kind == "http":
             serve_http(args.port)
         else:
             serve_raft(args.port, args.peer, args.others)
         return 0
 
     parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--systems", default="http,raft,etcd", help="comma-separated: http, raft, etcd")
+    parser.add_argument("--systems", default="raw,http,raft,etcd", help="comma-separated: raw, http, raft, etcd")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--keys", type=int, default=10_000)
@@ -193,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if not set(systems) <= set(WORKLOADS):
-        parser.error(f"--systems takes http, raft and/or etcd, not {args.systems!r}")
+        parser.error(f"--systems takes raw, http, raft and/or etcd, not {args.systems!r}")
     if "etcd" in systems and not shutil.which("etcd"):
         print(json.dumps({"note": "etcd not installed (apt-get install etcd-server): no ratios"}))
         systems.remove("etcd")
