@@ -106,8 +106,9 @@ class LSMOptions:
     block_bytes: int = 4096
     bloom_bits_per_key: int = 10
     # Decoded data blocks kept in memory, counted by encoded size (in Python objects they take
-    # about 1.6x that with 16-byte keys and 100-byte values). Gets and scans pay a checksum
-    # and a decode for every block they miss; compaction reads bypass the cache.
+    # about 1.8x that). Only blocks whose keys differ in length go through it: blocks of
+    # keys of one length are read in place from the tables' mmaps (the OS page cache) by
+    # gets and scans alike (engines/FORMATS.md). Compaction reads bypass it.
     block_cache_bytes: int = 64 * 1024 * 1024
     # Level 0 is merged into level 1 at this many tables; writers wait at l0_stop_writes
     # (every level-0 table costs every get a Bloom probe).
@@ -462,7 +463,16 @@ class LSMEngine:
                 self._refuse_write()
             self._wal.append(record)
             memtable = self._version.mem
-            memtable.put(key, value)
+            # Memtable.put, inlined (a method call is a tenth of a put's cost); the value
+            # is bytes, never TOMBSTONE, so its delete count does not change.
+            data = memtable.data
+            old = data.get(key)
+            if old is None:
+                memtable._arrivals.append(key)
+                memtable.bytes += len(key) + len(value)
+            else:
+                memtable.bytes += len(value) - len(old)
+            data[key] = value
             self._puts += 1
             self._user_bytes += len(key) + len(value)
             self._wal_position += len(record)
@@ -617,25 +627,16 @@ class LSMEngine:
 
     def _flush_one(self, memtable: Memtable) -> None:
         """Oldest immutable memtable -> level-0 table -> manifest -> swap -> delete its WALs."""
-        keys, values = memtable.sorted_items()
         table = None
-        if keys:
+        if len(memtable):
             number = next(self._numbers)
             table_path = os.path.join(self.path, _file_name(number, "sst"))
             opts = self.lsm_options
             written = False
             if self._use_process:
-                worker_path = table_path + WORKER_SUFFIX
-                try:
-                    self._flush_worker.call("write_table", path=worker_path, keys=keys, values=values,
-                                            block_bytes=opts.block_bytes, bloom_bits_per_key=opts.bloom_bits_per_key)
-                    os.replace(worker_path, table_path)
-                    written = True
-                except (WorkerDied, OSError) as exc:
-                    if self._closing:
-                        raise
-                    self._worker_unavailable(exc)
+                written = self._flush_in_worker(memtable, table_path)
             if not written:
+                keys, values = memtable.sorted_items()
                 write_table(table_path, keys, values, block_bytes=opts.block_bytes,
                             bloom_bits_per_key=opts.bloom_bits_per_key)
             table = Table(table_path, number, self._cache)
@@ -658,6 +659,25 @@ class LSMEngine:
             self._counters["flushes"] += 1
             self._counters["flush_bytes"] += table.size if table else 0
         self._wake_background()
+
+    def _flush_in_worker(self, memtable: Memtable, table_path: str) -> bool:
+        """Have the flush worker write the frozen memtable's table; True when it is in
+        place at `table_path`, False when the worker is unavailable (the caller writes it).
+
+        The memtable's dict goes over unsorted (one C-level pickle); the worker sorts it,
+        so this process spends no GIL time on sorting or on building key and value lists."""
+        opts = self.lsm_options
+        worker_path = table_path + WORKER_SUFFIX
+        try:
+            self._flush_worker.call("flush_memtable", path=worker_path, entries=memtable.data,
+                                    block_bytes=opts.block_bytes, bloom_bits_per_key=opts.bloom_bits_per_key)
+            os.replace(worker_path, table_path)
+            return True
+        except (WorkerDied, OSError) as exc:
+            if self._closing:
+                raise
+            self._worker_unavailable(exc)
+            return False
 
     def _write_manifest(self, levels, exclude: Memtable | None = None) -> None:
         """Called under `_manifest_lock` with the levels about to be published."""

@@ -3,13 +3,15 @@
 A scan of 100 keys through the chunked merge (merge.py) pays for generators, cursors and
 a merge step per chunk of every source: ~1 us per key returned. Here, instead, each source
 (a memtable, or a sorted run of tables: one level-0 table, or a whole level >= 1) hands
-over one slice of candidates from the start key, a few list slices of decoded blocks
-(sstable.BlockCache). Each source gives about its share of the `limit` (by its density,
-entries per unit of key space, where the scan starts), at least MIN_CANDIDATES, and a
-table run the rest of the block it stops in, for free. Then one merge:
+over one slice of candidates from the start key: a table run, the keys of the blocks it
+covers (`Table.block_keys`, one struct.unpack a block), its values left where they are for
+now. Each source gives about its share of the `limit` (by its density, entries per unit
+of key space, where the scan starts), at least MIN_CANDIDATES, and a table run the rest
+of the block it stops in. Then one merge:
 
     bound     = the smallest last candidate among sources that have more beyond it:
                 every entry at or below it, of every source, is in hand
+    values    = of the candidates up to the bound only (`Table.block_values`)
     merged    = the (key, value) pairs up to the bound, sorted by key in one timsort (it
                 merges the sources' sorted runs) when no key is in two sources (a set
                 tells); otherwise a dict updated from the oldest source to the newest, so
@@ -55,6 +57,10 @@ def short_scan(memtables, runs, run_entries, start, end, reverse: bool, limit: i
     keys, tombstones, key_density) of non-overlapping tables sorted by key; `run_entries`
     their entry counts."""
     assert 0 < limit <= SHORT_SCAN_LIMIT
+    # An empty memtable (the active one, just after a flush or an open) is no source: a key
+    # it takes meanwhile is a concurrent write, which a scan may or may not see.
+    if not all(map(len, memtables)):
+        memtables = [memtable for memtable in memtables if len(memtable)]
     # The round's start (forward) or end (reverse), and whether it is itself included.
     edge, inclusive = (start, True) if not reverse else (end, False)
     # Each source's share: its entries per unit of key space where the scan starts (levels
@@ -129,16 +135,19 @@ def _merge(taken: list, reverse: bool, maybe_tombstones: bool) -> tuple[list, by
     for keys, values, _ in reversed(taken):  # oldest first: newer values overwrite
         if not keys:
             continue
+        low, high = 0, len(keys)
         if bound is not None:
             if not reverse:
                 if keys[-1] > bound:
-                    cut = bisect_right(keys, bound)
-                    keys, values = keys[:cut], values[:cut]
+                    high = bisect_right(keys, bound)
             elif keys[0] < bound:
-                cut = bisect_left(keys, bound)
-                keys, values = keys[cut:], values[cut:]
-            if not keys:
+                low = bisect_left(keys, bound)
+            if low == high:
                 continue
+            if high - low < len(keys):
+                keys = keys[low:high]
+        # A table run's values are read now, for the entries kept only (`_Segments`).
+        values = values.fetch(low, high) if type(values) is _Segments else values[low:high]
         parts.append((keys, values))
         count += len(keys)
     if len(parts) == 1:
@@ -160,9 +169,10 @@ def _merge(taken: list, reverse: bool, maybe_tombstones: bool) -> tuple[list, by
     return pairs, bound
 
 
-# Each taker returns (keys, values, more): ascending sequences (lists, or a cached block's
-# tuples, never to be mutated), and whether the source may hold entries beyond them in
-# scan direction.
+# Each taker returns (keys, values, more): keys an ascending sequence (a list, or a block's
+# tuple, never to be mutated); values a list for a memtable, `_Segments` for a table run
+# (fetched by the merge for the keys it keeps); and whether the source may hold entries
+# beyond them in scan direction.
 
 
 def _memtable_forward(memtable, after, inclusive: bool, end, count: int) -> tuple:
@@ -197,6 +207,32 @@ def _memtable_backward(memtable, before, inclusive: bool, start, count: int) -> 
     return part, list(map(memtable.data.__getitem__, part)), more
 
 
+class _Segments:
+    """Where a table run's candidates lie: (table, block, start, stop) per block, in key
+    order. The merge fetches the values of the candidates it keeps (those up to the
+    bound), so values past the bound are never cut out of a block."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts: list = []
+
+    def fetch(self, low: int, high: int):
+        """The values of candidates [low, high) (positions in the run's joined keys)."""
+        pieces = []
+        position = 0
+        for table, block, start, stop in self.parts:
+            size = stop - start
+            if position + size > low and position < high:
+                first = start + max(0, low - position)
+                last = start + min(size, high - position)
+                pieces.append(table.block_values(block, first, last))
+            position += size
+            if position >= high:
+                break
+        return _joined(pieces)
+
+
 def _run_forward(tables, largest, after, inclusive: bool, end, count: int) -> tuple:
     """At least `count` entries (when there are) from `after`: whole blocks but the first."""
     if after is None:
@@ -204,7 +240,7 @@ def _run_forward(tables, largest, after, inclusive: bool, end, count: int) -> tu
     else:
         t = bisect_left(largest, after) if inclusive else bisect_right(largest, after)
     key_parts = []
-    value_parts = []
+    segments = _Segments()
     need = count
     more = False
     while t < len(tables) and need > 0:
@@ -215,7 +251,7 @@ def _run_forward(tables, largest, after, inclusive: bool, end, count: int) -> tu
         else:
             b = bisect_left(last_keys, after) if inclusive else bisect_right(last_keys, after)
         while b < len(last_keys):
-            keys, values = table.block(b)
+            keys = table.block_keys(b)
             if after is None:
                 i = 0
             else:
@@ -225,20 +261,21 @@ def _run_forward(tables, largest, after, inclusive: bool, end, count: int) -> tu
                 j = bisect_left(keys, end, i)
                 if j > i:
                     key_parts.append(keys[i:j])
-                    value_parts.append(values[i:j])
+                    segments.parts.append((table, b, i, j))
                     need -= j - i
                 # Past the range: nothing more here, whether or not `count` was reached.
-                return _joined(key_parts), _joined(value_parts), False
-            key_parts.append(keys[i:])
-            value_parts.append(values[i:])
-            need -= len(keys) - i
+                return _joined(key_parts), segments, False
+            if i < len(keys):
+                key_parts.append(keys[i:] if i else keys)
+                segments.parts.append((table, b, i, len(keys)))
+                need -= len(keys) - i
             b += 1
             if need <= 0:
                 more = b < len(last_keys) or t + 1 < len(tables)
                 break
         after = None
         t += 1
-    return _joined(key_parts), _joined(value_parts), more
+    return _joined(key_parts), segments, more
 
 
 def _run_backward(tables, smallest, before, inclusive: bool, start, count: int) -> tuple:
@@ -248,7 +285,7 @@ def _run_backward(tables, smallest, before, inclusive: bool, start, count: int) 
     else:
         t = (bisect_right(smallest, before) if inclusive else bisect_left(smallest, before)) - 1
     key_parts = []  # collected from the high end down; reversed at the end
-    value_parts = []
+    segments = _Segments()
     need = count
     more = False
     while t >= 0 and need > 0:
@@ -261,7 +298,7 @@ def _run_backward(tables, smallest, before, inclusive: bool, start, count: int) 
             if b == len(last_keys):
                 b -= 1
         while b >= 0:
-            keys, values = table.block(b)
+            keys = table.block_keys(b)
             if before is None:
                 j = len(keys)
             else:
@@ -271,13 +308,13 @@ def _run_backward(tables, smallest, before, inclusive: bool, start, count: int) 
                 i = bisect_left(keys, start, 0, j)
                 if j > i:
                     key_parts.append(keys[i:j])
-                    value_parts.append(values[i:j])
+                    segments.parts.append((table, b, i, j))
                 key_parts.reverse()
-                value_parts.reverse()
-                return _joined(key_parts), _joined(value_parts), False
+                segments.parts.reverse()
+                return _joined(key_parts), segments, False
             if j:
-                key_parts.append(keys[:j])
-                value_parts.append(values[:j])
+                key_parts.append(keys[:j] if j < len(keys) else keys)
+                segments.parts.append((table, b, 0, j))
                 need -= j
             b -= 1
             if need <= 0:
@@ -286,8 +323,8 @@ def _run_backward(tables, smallest, before, inclusive: bool, start, count: int) 
         before = None
         t -= 1
     key_parts.reverse()
-    value_parts.reverse()
-    return _joined(key_parts), _joined(value_parts), more
+    segments.parts.reverse()
+    return _joined(key_parts), segments, more
 
 
 def _joined(parts: list) -> list:

@@ -649,6 +649,71 @@ def test_block_codec_round_trips_even_and_uneven_pieces(keys, values):
     assert [v is TOMBSTONE for v in got_values] == [v is TOMBSTONE for v in values]
 
 
+@pytest.mark.parametrize("shape", ["even keys, even values", "even keys, uneven values",
+                                   "uneven keys, even values", "uneven keys, uneven values"])
+def test_table_reads_in_place_agree_with_decoded_blocks(tmp_path, shape):
+    """find() searches a block of one-length keys where it lies in the mapping, and short
+    scans cut keys and values out of it: every key, every substring of the key area (a
+    match straddling two keys must not count) and every slice must agree with decoding."""
+    from engines.lsm.sstable import BlockCache, write_table
+
+    rng = random.Random(shape)
+    even_keys, even_values = shape.startswith("even"), shape.endswith(", even values")
+    keys = sorted({bytes(rng.choice(b"ab") for _ in range(4 if even_keys else rng.randrange(1, 7)))
+                   for _ in range(300)})
+    # A delete stores no value bytes, so only uneven values can hold deletes (and empties).
+    values = [b"%05d" % i if even_values else TOMBSTONE if i % 7 == 3 else b"v" * rng.randrange(0, 9)
+              for i in range(len(keys))]
+    table_path = str(tmp_path / "000001.sst")
+    write_table(table_path, keys, values, block_bytes=64, bloom_bits_per_key=10)
+    table = Table(table_path, 1, BlockCache(1 << 20))
+    expected = dict(zip(keys, values))
+    probes = set(keys)
+    for index in range(table.block_count):
+        block_keys, _ = table.block(index)
+        area = b"".join(block_keys)
+        probes.update(area[i:i + width] for width in (2, 4, 6) for i in range(len(area)))
+    for key in sorted(probes):
+        got = table.find(key)
+        want = expected.get(key)
+        assert got == want and (got is TOMBSTONE) == (want is TOMBSTONE), key
+    for index in range(table.block_count):
+        block_keys, block_values = table.block(index)
+        assert table.block_keys(index) == block_keys
+        for start in range(len(block_keys) + 1):
+            for stop in range(start, len(block_keys) + 1):
+                got = table.block_values(index, start, stop)
+                assert list(got) == list(block_values[start:stop])
+                assert [v is TOMBSTONE for v in got] == [v is TOMBSTONE for v in block_values[start:stop]]
+    table._check()
+
+
+def test_a_damaged_block_is_refused_by_gets_and_scans_alike(path):
+    """Gets read blocks in place and check each block's checksum on its first read; a
+    scan reading the same block after a get refused it must refuse it too."""
+    table = _engine_with_one_table(path)
+    with open(table, "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0x01]))
+    engine = LSMEngine(path, **SMALL)
+    try:
+        refused = 0
+        for i in range(300):
+            try:
+                engine.get(b"k%04d" % i)
+            except CorruptionError:
+                refused += 1
+        assert refused  # every get in the damaged block, each time
+        with pytest.raises(CorruptionError):
+            list(engine.scan(limit=100))
+        with pytest.raises(CorruptionError):
+            list(engine.scan())
+    finally:
+        engine.close()
+
+
 def test_sync_always_shares_fsyncs_between_threads(path):
     engine = LSMEngine(path, sync="always")
     start = threading.Barrier(8)
