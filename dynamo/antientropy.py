@@ -76,6 +76,8 @@ class TreeSet:
         self.branching, self.depth = branching, depth
         self.trees: dict[str, MerkleTree] = {}
         self.ring: Ring | None = None
+        # preference list -> its tree id, for `update` (bounded by the ring's replica sets)
+        self._tree_of: dict[tuple[str, ...], str] = {}
         self.rebuilds = 0
         # (tree id, peer) -> wall time at which this node's last *complete* comparison of
         # that tree with that peer started (roots equal, or an exchange that repaired every
@@ -89,6 +91,7 @@ class TreeSet:
         """Start over from `items` ((key, object) pairs: the engine's content) on `ring`."""
         self.ring = ring
         self.synced = {}
+        self._tree_of = {}
         self.trees = {
             tree_id(nodes): self._new_tree() for nodes in ring.replica_sets(self.n) if self.node_id in nodes
         }
@@ -102,12 +105,15 @@ class TreeSet:
         if ring is None:
             return
         hashed = key_hash(key)
-        preference = ring.preference_list(key, self.n)
+        preference = ring.preference_of_hash(hashed, self.n)
+        tid = self._tree_of.get(preference)  # (every write comes here: no sort and join each time)
+        if tid is None:
+            tid = self._tree_of[preference] = tree_id(preference)
         if self.node_id not in preference:
             return  # a hinted copy: its owners' trees cover it
-        tree = self.trees.get(tree_id(preference))
+        tree = self.trees.get(tid)
         if tree is None:
-            tree = self.trees[tree_id(preference)] = self._new_tree()
+            tree = self.trees[tid] = self._new_tree()
         tree.set(key, 0 if obj is None else entry_hash(key, version_digest(obj)), hashed)
 
     def synced_at(self, key: bytes, peer: str) -> float | None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 
 from api.service import InvalidRequest, Unavailable
 
@@ -38,6 +38,23 @@ from .vclock import VClock
 from .versions import VersionedObject
 
 Call = Callable[[str, str, dict, float], Awaitable[dict]]
+
+
+class LocalReplica(Protocol):
+    """This node's own replica, called directly when it is one of a request's targets:
+    the same work as the peer methods `coordinate` and `fetch`, without building and
+    parsing a message (JSON, base64, an encode and a decode of the object). Refusals are
+    `RemoteError`s, exactly as a peer would send them."""
+
+    async def coordinate(
+        self, key: bytes, value: bytes | None, context: VClock, *, hint_for: str | None, now: float
+    ) -> tuple[VersionedObject, bytes]:
+        """Mint and store the new version; returns it and its encoding (as stored)."""
+
+    def fetch_encoded(self, key: bytes) -> bytes | None:
+        """The stored object's encoding, or None."""
+
+
 # A coverage read pages through the nodes at most this many times (deleted keys and
 # truncated pages cost rounds); what it has then is returned.
 MAX_RANGE_ROUNDS = 8
@@ -83,6 +100,7 @@ class Coordinator:
         limits: CoordinatorLimits = CoordinatorLimits(),
         metrics: dict | None = None,
         previous_ring: Callable[[], Ring | None] = lambda: None,
+        local: LocalReplica | None = None,
     ):
         self.self_id = self_id
         self.ring = ring
@@ -97,8 +115,10 @@ class Coordinator:
         self.lww = lww
         self.limits = limits
         self.metrics = metrics if metrics is not None else {}
+        self.local = local
         self._background: set[asyncio.Task] = set()
         self._repairs_running = 0
+        self._closed = False
 
     # --- helpers -------------------------------------------------------------------------
     def _count(self, name: str, by: float = 1) -> None:
@@ -128,10 +148,24 @@ class Coordinator:
         self.detector.record_success(node, self._now())
         return reply
 
+    async def _coordinate_here(self, key: bytes, value: bytes | None, context: VClock, hint_for, now: float, deadline: float):
+        """`coordinate` on this node's replica (`LocalReplica`), bounded and fed to the
+        failure detector as `call` is."""
+        timeout = self._rpc_timeout(deadline)
+        if timeout <= 0:
+            raise PeerUnreachable("request deadline passed")
+        try:
+            async with asyncio.timeout(timeout):
+                result = await self.local.coordinate(key, value, context, hint_for=hint_for, now=now)
+        except TimeoutError:
+            if timeout >= self.limits.peer_timeout_s:
+                self.detector.record_failure(self.self_id, self._now())
+            raise PeerUnreachable("local replica timed out") from None
+        self.detector.record_success(self.self_id, self._now())
+        return result
+
     def _prepare(self, key: bytes):
-        ring = self.ring()
-        preference = ring.preference_list(key, self.n)
-        fallbacks = ring.fallbacks(key, self.n)
+        preference, fallbacks = self.ring().placement(key, self.n)
         targets = plan_targets(preference, fallbacks, up=self.detector.up(), sloppy=self.sloppy)
         return preference, fallbacks, targets
 
@@ -151,6 +185,7 @@ class Coordinator:
         return task
 
     async def close(self) -> None:
+        self._closed = True
         for task in list(self._background):
             task.cancel()
         if self._background:
@@ -170,15 +205,22 @@ class Coordinator:
         used = {t.node for t in targets}
         tally = WriteTally(w, planned=len(targets))
         pending = sorted(targets, key=lambda t: t.node != self.self_id)  # version here when possible
-        payload = {"key": b64(key), "value": None if value is None else b64(value), "context": context.counters(), "timestamp": self.wall_clock()}
+        now = self.wall_clock()
+        payload = None
         obj = None
-        encoded = None  # the versioning replica's encoding of obj, sent on as it is
+        encoded = None  # the versioning replica's encoding of obj (base64), sent on as it is
         while pending and obj is None:
             target = pending.pop(0)
             try:
-                reply = await self.call(target.node, "coordinate", {**payload, "hint_for": target.hint_for}, deadline)
-                encoded = reply["object"]
-                obj = versions.decode_object(unb64(encoded))
+                if target.node == self.self_id and self.local is not None:
+                    obj, raw = await self._coordinate_here(key, value, context, target.hint_for, now, deadline)
+                    encoded = b64(raw)
+                else:
+                    if payload is None:
+                        payload = {"key": b64(key), "value": None if value is None else b64(value), "context": context.counters(), "timestamp": now}
+                    reply = await self.call(target.node, "coordinate", {**payload, "hint_for": target.hint_for}, deadline)
+                    encoded = reply["object"]
+                    obj = versions.decode_object(unb64(encoded))
                 tally.ack(target.node)
             except (PeerUnreachable, RemoteError) as exc:
                 if isinstance(exc, RemoteError) and exc.code == "too_many_siblings":
@@ -260,10 +302,11 @@ class Coordinator:
         if tally.done:
             settled.set()
         fallback_nodes: set[str] = {t.node for t in targets if t.hint_for} | set(old_owners)
-        tasks = [
-            asyncio.ensure_future(self._fetch(key, t, tally, fallbacks, used, fallback_nodes, deadline, settled))
-            for t in targets
-        ]
+        tasks = []
+        for target in targets:
+            if target.node == self.self_id and self.local is not None and self._fetch_here(key, tally):
+                continue
+            tasks.append(asyncio.ensure_future(self._fetch(key, target, tally, fallbacks, used, fallback_nodes, deadline, settled)))
         if not tally.done:
             await _wait_until(settled, deadline)
         if not tally.ok:
@@ -277,7 +320,7 @@ class Coordinator:
         if merged is not None:
             self._count("siblings_seen", len(merged.live_values))
             self._count("reads_with_siblings", len(merged.live_values) > 1)
-        self._spawn(self._read_repair(key, tally, tasks, fallback_nodes, deadline))
+        self._watch_read_repair(key, tally, tasks, fallback_nodes, deadline)
         return merged
 
     def _old_owners(self, key: bytes, used: set[str]) -> list[str]:
@@ -287,14 +330,24 @@ class Coordinator:
         up = self.detector.up()
         return [node for node in previous.preference_list(key, self.n) if node not in used and node in up]
 
+    def _fetch_here(self, key: bytes, tally: ReadTally) -> bool:
+        """Read this node's copy in line (no task, no message); False when that failed
+        (the caller then asks through `call`, which counts the failure and replaces it)."""
+        try:
+            tally.reply_encoded(self.self_id, self.local.fetch_encoded(key))
+        except (RemoteError, ValueError):
+            return False
+        return True
+
     async def _fetch(self, key, target, tally, fallbacks, used, fallback_nodes, deadline, settled) -> None:
         while target is not None:
             try:
                 reply = await self.call(target.node, "fetch", {"key": b64(key)}, deadline)
                 raw = reply.get("object")
-                tally.reply(target.node, None if raw is None else versions.decode_object(unb64(raw)))
+                # a copy that does not decode counts as a failed replica (ValueError)
+                tally.reply_encoded(target.node, None if raw is None else unb64(raw))
                 target = None
-            except (PeerUnreachable, RemoteError):
+            except (PeerUnreachable, RemoteError, ValueError):
                 tally.fail(target.node)
                 target = self._replacement(target, fallbacks, used) if self._now() < deadline else None
                 if target is not None:
@@ -303,21 +356,50 @@ class Coordinator:
             if tally.done:
                 settled.set()
 
-    async def _read_repair(self, key, tally: ReadTally, tasks, fallback_nodes, deadline) -> None:
+    def _watch_read_repair(self, key, tally: ReadTally, tasks, fallback_nodes, deadline) -> None:
+        """Read repair, once the replicas still asked have answered or `read_repair_wait_s`
+        has passed (then they are cancelled): done callbacks and one timer, not a task per
+        read; a repair runs as a task only when some replica is stale."""
+        pending = [task for task in tasks if not task.done()]
         wait = min(self.limits.read_repair_wait_s, max(0.0, deadline - self._now()))
-        if wait > 0 and tasks:
-            await asyncio.wait(tasks, timeout=wait)
-        for task in tasks:
-            task.cancel()
+        if pending and wait <= 0:
+            for task in pending:
+                task.cancel()
+        if not pending or wait <= 0:
+            self._start_read_repair(key, tally, fallback_nodes)
+            return
+        left = len(pending)
+
+        def answered(_task) -> None:
+            nonlocal left
+            left -= 1
+            if left == 0:
+                timer.cancel()
+                self._start_read_repair(key, tally, fallback_nodes)
+
+        def give_up() -> None:
+            for task in pending:
+                task.cancel()  # each one's callback still runs, the last starts the repair
+
+        timer = asyncio.get_running_loop().call_later(wait, give_up)
+        for task in pending:
+            task.add_done_callback(answered)
+
+    def _start_read_repair(self, key: bytes, tally: ReadTally, fallback_nodes) -> None:
+        if self._closed:
+            return
         stale = tally.repairs(exclude=fallback_nodes)
         if not stale:
             return
         if self._repairs_running >= self.limits.max_read_repairs:
             self._count("read_repairs_skipped", len(stale))
             return
-        self._repairs_running += 1
+        self._repairs_running += 1  # here, not in the task: the cap holds at once
+        self._spawn(self._read_repair(key, tally.reconciled(), stale))
+
+    async def _read_repair(self, key: bytes, merged: VersionedObject, stale: list[str]) -> None:
         try:
-            store = {"key": b64(key), "object": b64(versions.encode_object(tally.reconciled())), "hint_for": None}
+            store = {"key": b64(key), "object": b64(versions.encode_object(merged)), "hint_for": None}
             repair_deadline = self._now() + self.limits.peer_timeout_s
             results = await asyncio.gather(
                 *(self.call(node, "store", store, repair_deadline) for node in stale), return_exceptions=True

@@ -56,7 +56,8 @@ def version_digest(obj) -> bytes:
     Timestamps are left out (replicas that agree on history may hold different times)."""
     if obj is None:
         return b""
-    parts = [f"{a}:{c}" for a, c in sorted(obj.clock.counters().items())]
+    entries = obj.clock._entries
+    parts = [f"{a}:{entries[a][0]}" for a in sorted(entries)]
     parts.append("|")
     parts += [f"{s.dot.actor}:{s.dot.counter}" for s in sorted(obj.siblings, key=lambda s: s.dot)]
     return ";".join(parts).encode()

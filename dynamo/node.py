@@ -28,7 +28,7 @@ pruning bounds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import dataclasses
 import random
 
@@ -72,6 +72,64 @@ def _prefix_end(prefix: bytes) -> bytes | None:
     return None
 
 
+class KeyLocks:
+    """Mutual exclusion per key, first come first served. A key has an entry only while
+    someone holds it (with its waiters), so memory follows the keys in use.
+
+        async with locks.hold(b"k"):   # read-modify-write of b"k"
+            ...
+
+    (An `asyncio.Lock` per key behind an `asynccontextmanager` cost a generator, a lock
+    and two dict updates per request; uncontended, this is one dict insert and delete.)"""
+
+    def __init__(self) -> None:
+        self._held: dict[bytes, collections.deque[asyncio.Future]] = {}
+
+    def hold(self, key: bytes) -> "_Held":
+        return _Held(self, key)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    async def acquire(self, key: bytes) -> None:
+        waiters = self._held.get(key)
+        if waiters is None:
+            self._held[key] = collections.deque()
+            return
+        turn = asyncio.get_running_loop().create_future()
+        waiters.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release(key)  # the lock was handed to us just as we were cancelled
+            elif turn in waiters:  # (a release may already have dropped it)
+                waiters.remove(turn)
+            raise
+
+    def release(self, key: bytes) -> None:
+        waiters = self._held[key]
+        while waiters:
+            turn = waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the key passes to that waiter, still held
+                return
+        del self._held[key]
+
+
+class _Held:
+    __slots__ = ("locks", "key")
+
+    def __init__(self, locks: KeyLocks, key: bytes):
+        self.locks, self.key = locks, key
+
+    async def __aenter__(self) -> None:
+        await self.locks.acquire(self.key)
+
+    async def __aexit__(self, *exc) -> None:
+        self.locks.release(self.key)
+
+
 class Replica:
     def __init__(
         self,
@@ -97,8 +155,7 @@ class Replica:
         # Called as on_change(key, object or None) after every engine write of a key's
         # data, in the event loop (anti-entropy keeps its Merkle trees up to date with it).
         self.on_change = None
-        self._locks: dict[bytes, asyncio.Lock] = {}
-        self._lock_users: dict[bytes, int] = {}
+        self._locks = KeyLocks()
         # A fresh actor at every start: with sync "never" or "batch" a crash may have lost
         # the last versions this node minted, and with them the counters it had reached.
         self.actor = self._start_actor()
@@ -113,6 +170,10 @@ class Replica:
         self.actor = actor
         return actor
 
+    def close(self) -> None:
+        """Stop the group-commit worker (after the writes already handed to it)."""
+        self._commits.close()
+
     def _start_actor(self) -> str:
         return self._new_actor()
 
@@ -122,20 +183,8 @@ class Replica:
         return self._new_actor()
 
     # --- locking and engine writes -------------------------------------------------------
-    @contextlib.asynccontextmanager
-    async def _key_lock(self, key: bytes):
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = asyncio.Lock()
-        self._lock_users[key] = self._lock_users.get(key, 0) + 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._lock_users[key] -= 1
-            if not self._lock_users[key]:
-                del self._lock_users[key]
-                del self._locks[key]
+    def _key_lock(self, key: bytes) -> "_Held":
+        return self._locks.hold(key)
 
     async def _write(self, batch: list[tuple]) -> None:
         if self.offload:
@@ -148,6 +197,11 @@ class Replica:
     def fetch(self, key: bytes) -> VersionedObject | None:
         raw = self.engine.get(data_key(key))
         return None if raw is None else versions.decode_object(raw)
+
+    def fetch_encoded(self, key: bytes) -> bytes | None:
+        """The stored object as `versions.encode_object` wrote it (a peer `fetch` sends
+        these bytes on without decoding them)."""
+        return self.engine.get(data_key(key))
 
     def scan(self, prefix: bytes, *, start_after: bytes | None = None, limit: int | None = None):
         """`(items, more)`: up to `limit` (key, object) under `prefix` in key order."""
@@ -180,6 +234,13 @@ class Replica:
         """Mint the new version of `key` for a client write (value None: delete) and keep it.
 
         Raises `TooManySiblings` or `HintsFull` and stores nothing when over a limit."""
+        obj, _ = await self.coordinate_encoded(key, value, context, hint_for=hint_for, now=now)
+        return obj
+
+    async def coordinate_encoded(
+        self, key: bytes, value: bytes | None, context: VClock, *, hint_for: str | None, now: float
+    ) -> tuple[VersionedObject, bytes]:
+        """`coordinate`, also returning the bytes stored (sent on to the other replicas as is)."""
         async with self._key_lock(key):
             local = self.fetch(key)
             obj = versions.new_write(local, context, value, self.actor, now, lww=self.lww, prune=self.prune)
@@ -188,11 +249,15 @@ class Replica:
                     f"the key would have {len(obj.siblings)} siblings; the limit is {self.limits.max_siblings}: "
                     "read it and write the resolved value with the read's context"
                 )
-            await self._persist(key, obj, hint_for, now)
-            return obj
+            raw = await self._persist(key, obj, hint_for, now)
+            return obj, raw
 
-    async def store(self, key: bytes, incoming: VersionedObject, *, hint_for: str | None, now: float) -> VersionedObject:
-        """Merge a version from a peer; returns what is stored now. Idempotent."""
+    async def store(
+        self, key: bytes, incoming: VersionedObject, *, hint_for: str | None, now: float, encoded: bytes | None = None
+    ) -> VersionedObject:
+        """Merge a version from a peer; returns what is stored now. Idempotent. `encoded`:
+        `incoming` as the peer sent it, stored as is when the merge leaves it unchanged
+        (the usual case: a new version that descends the local one)."""
         async with self._key_lock(key):
             local = self.fetch(key)
             obj = versions.merge(local, incoming, lww=self.lww)
@@ -202,17 +267,24 @@ class Replica:
             obj = versions.VersionedObject(obj.clock.prune(now, self.prune, keep=keep), obj.siblings)
             if obj.same_as(local) and hint_for is None:
                 return obj
-            await self._persist(key, obj, hint_for, now)
+            if encoded is not None and not versions.identical(obj, incoming):
+                encoded = None
+            await self._persist(key, obj, hint_for, now, encoded)
             return obj
 
-    async def _persist(self, key: bytes, obj: VersionedObject, hint_for: str | None, now: float) -> None:
-        raw = versions.encode_object(obj)
+    async def _persist(
+        self, key: bytes, obj: VersionedObject, hint_for: str | None, now: float, raw: bytes | None = None
+    ) -> bytes:
+        """Write `obj` (its encoding `raw` when known) and the hint; returns the bytes stored."""
+        if raw is None:
+            raw = versions.encode_object(obj)
         batch = [("put", data_key(key), raw)]
         if hint_for is not None and hint_for != self.node_id:
             batch += self.hints.record(hint_for, key, len(raw), now)  # may raise HintsFull
         await self._write(batch)
         if self.on_change is not None:
             self.on_change(key, obj)
+        return raw
 
     async def drop_if_unowned(self, key: bytes, still_owner: bool) -> bool:
         """Delete the local copy of a key this node no longer needs (handed off, not a

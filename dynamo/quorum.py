@@ -99,9 +99,25 @@ class ReadTally:
         self.lww = lww
         self.replies: dict[str, VersionedObject | None] = {}
         self.failed: list[str] = []
+        # Replicas usually hold byte-identical copies (the versioning replica's encoding is
+        # stored as is): equal bytes are decoded once and merged once (merge is idempotent).
+        self._decoded: dict[bytes, VersionedObject] = {}
+        self._answers = 0  # replies taken, to know when `reconciled` must merge again
+        self._merged: tuple[int, VersionedObject | None] | None = None
 
     def reply(self, node: str, obj: VersionedObject | None) -> None:
         self.replies[node] = obj
+        self._answers += 1
+
+    def reply_encoded(self, node: str, raw: bytes | None) -> None:
+        """`reply` with the object in `versions.encode_object` form (ValueError if malformed)."""
+        if raw is None:
+            self.reply(node, None)
+            return
+        obj = self._decoded.get(raw)
+        if obj is None:
+            obj = self._decoded[raw] = versions.decode_object(raw)
+        self.reply(node, obj)
 
     def fail(self, node: str) -> None:
         self.failed.append(node)
@@ -121,11 +137,17 @@ class ReadTally:
         return self.ok or len(self.replies) + outstanding < self.r
 
     def reconciled(self) -> VersionedObject | None:
-        return versions.merge_all(self.replies.values(), lww=self.lww)
+        """The merge of every reply so far (merged again only after a new reply)."""
+        if self._merged is None or self._merged[0] != self._answers:
+            distinct = {id(obj): obj for obj in self.replies.values() if obj is not None}
+            self._merged = (self._answers, versions.merge_all(distinct.values(), lww=self.lww))
+        return self._merged[1]
 
     def repairs(self, exclude: Container[str] = ()) -> list[str]:
         """Nodes whose reply differs from the reconciled object (stale or missing)."""
         merged = self.reconciled()
         if merged is None:
             return []
-        return sorted(node for node, obj in self.replies.items() if node not in exclude and not merged.same_as(obj))
+        return sorted(
+            node for node, obj in self.replies.items() if node not in exclude and obj is not merged and not merged.same_as(obj)
+        )

@@ -49,6 +49,10 @@ class Ring:
         entries = sorted((token(node, i), node) for node in nodes for i in range(vnodes))
         self._tokens = [t for t, _ in entries]
         self._owners = [n for _, n in entries]
+        # Walk order from each token, computed when first needed: every request asks for a
+        # preference list, and a walk over 150 tokens per node is a Python loop. At most
+        # one entry per token (the ring is immutable).
+        self._walks: dict[int, tuple[str, ...]] = {}
 
     key_hash = staticmethod(key_hash)
 
@@ -68,18 +72,32 @@ class Ring:
                 if len(seen) == len(self.nodes):
                     return
 
+    def _walk_from(self, position: int) -> tuple[str, ...]:
+        """`tuple(self.walk(position))`, cached per token."""
+        start = bisect.bisect_left(self._tokens, position)
+        if start == len(self._tokens):
+            start = 0
+        walk = self._walks.get(start)
+        if walk is None:
+            walk = self._walks[start] = tuple(self.walk(self._tokens[start]))
+        return walk
+
+    def preference_of_hash(self, hashed: int, n: int) -> tuple[str, ...]:
+        """The preference list of a key whose `key_hash` is `hashed` (a shared tuple)."""
+        return self._walk_from(hashed)[:n]
+
     def preference_list(self, key: bytes, n: int) -> list[str]:
         """The first `n` distinct nodes for `key` (all nodes if fewer than n)."""
-        out = []
-        for node in self.walk(key_hash(key)):
-            out.append(node)
-            if len(out) == n:
-                break
-        return out
+        return list(self._walk_from(key_hash(key))[:n])
 
     def fallbacks(self, key: bytes, n: int) -> list[str]:
         """The nodes after the preference list, in the order they would stand in."""
-        return list(self.walk(key_hash(key)))[n:]
+        return list(self._walk_from(key_hash(key))[n:])
+
+    def placement(self, key: bytes, n: int) -> tuple[list[str], list[str]]:
+        """`(preference_list(key, n), fallbacks(key, n))`, hashing the key once."""
+        walk = self._walk_from(key_hash(key))
+        return list(walk[:n]), list(walk[n:])
 
     def ownership(self) -> dict[str, float]:
         """Each node's share of [0, 2^32) as first replica; the shares sum to 1."""

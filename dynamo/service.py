@@ -130,6 +130,39 @@ def create_service(config: NodeConfig, **kwargs) -> "DynamoService":
     return DynamoService(config, **kwargs)
 
 
+class _ReplicaHere:
+    """`coordinator.LocalReplica` over this node's `Replica`: what `handle` does for the
+    peer methods `coordinate` and `fetch`, with the same checks and refusals, for the
+    requests this node coordinates itself (no message built, no base64, no re-decode)."""
+
+    def __init__(self, service: "DynamoService"):
+        self.service = service
+
+    def _replica(self) -> Replica:
+        service = self.service
+        if service.replica is None or not service.started:
+            raise RemoteError("not_ready", "node is starting or stopping")
+        return service.replica
+
+    async def coordinate(self, key: bytes, value: bytes | None, context: VClock, *, hint_for: str | None, now: float):
+        replica = self._replica()
+        try:
+            result = await replica.coordinate_encoded(key, value, context, hint_for=hint_for, now=now)
+        except TooManySiblings as exc:
+            raise RemoteError("too_many_siblings", str(exc)) from None
+        except HintsFull as exc:
+            self.service._count("hints_refused")
+            raise RemoteError("hints_full", str(exc)) from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RemoteError("bad_request", f"coordinate: {type(exc).__name__}: {exc}") from None
+        if hint_for:
+            self.service._count("hints_stored")
+        return result
+
+    def fetch_encoded(self, key: bytes) -> bytes | None:
+        return self._replica().fetch_encoded(key)
+
+
 def _validate(config: NodeConfig) -> None:
     if not 1 <= config.replicas:
         raise ValueError(f"replicas (N) must be at least 1, not {config.replicas}")
@@ -248,7 +281,7 @@ class DynamoService:
         if self._external_transport is None:
             self.transport = StreamTransport(self._addresses(), config.secret)
             host, _, port = self.members[self.node_id].peer_address.rpartition(":")
-            self._server = PeerServer(host, int(port), config.secret, self.handle)
+            self._server = PeerServer(host, int(port), config.secret, self.handle, self.handle_now)
             await self._server.start()
         else:
             self.transport = self._external_transport
@@ -264,6 +297,7 @@ class DynamoService:
             lww=config.conflicts == "lww",
             limits=self.options.coordinator,
             metrics=self._metrics,
+            local=_ReplicaHere(self),
         )
         self.aae = AntiEntropy(
             self.node_id,
@@ -321,6 +355,8 @@ class DynamoService:
             await self._server.stop()
         if self._external_transport is None and self.transport is not None:
             await self.transport.close()
+        if self.replica is not None:
+            self.replica.close()
         if self._engine is not None:
             self._engine.close()
 
@@ -377,18 +413,34 @@ class DynamoService:
         return await self.transport.call(node, method, payload, timeout)
 
     # --- peer RPC --------------------------------------------------------------------------
+    def handle_now(self, method: str, payload: dict) -> dict | None:
+        """`handle` for the methods that wait for nothing (`fetch`, `ping`), answered in
+        line by the peer server (no task per request); None for every other method."""
+        if method != "fetch" and method != "ping":
+            return None
+        replica = self.replica
+        if replica is None or not self.started:
+            raise RemoteError("not_ready", "node is starting or stopping")
+        if method == "ping":
+            return {"node": self.node_id, "actor": replica.actor}
+        try:
+            # the stored bytes as they are: the caller decodes them (once per distinct copy)
+            raw = replica.fetch_encoded(unb64(payload["key"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RemoteError("bad_request", f"{method}: {type(exc).__name__}: {exc}") from None
+        return {"object": None if raw is None else b64(raw)}
+
     async def handle(self, method: str, payload: dict) -> dict:
         """The replica side of every peer call (see transport.py for the wire)."""
         replica = self.replica
         if replica is None or not self.started:
             raise RemoteError("not_ready", "node is starting or stopping")
         try:
-            if method == "fetch":
-                obj = replica.fetch(unb64(payload["key"]))
-                return {"object": None if obj is None else b64(versions.encode_object(obj))}
+            if method == "fetch" or method == "ping":
+                return self.handle_now(method, payload)
             if method == "coordinate":
                 value = payload.get("value")
-                obj = await replica.coordinate(
+                _, raw = await replica.coordinate_encoded(
                     unb64(payload["key"]),
                     None if value is None else unb64(value),
                     VClock.of({str(a): int(c) for a, c in payload.get("context", {}).items()}),
@@ -397,10 +449,11 @@ class DynamoService:
                 )
                 if payload.get("hint_for"):
                     self._count("hints_stored")
-                return {"object": b64(versions.encode_object(obj))}
+                return {"object": b64(raw)}
             if method == "store":
-                obj = versions.decode_object(unb64(payload["object"]))
-                await replica.store(unb64(payload["key"]), obj, hint_for=payload.get("hint_for"), now=self.wall_clock())
+                raw = unb64(payload["object"])
+                obj = versions.decode_object(raw)
+                await replica.store(unb64(payload["key"]), obj, hint_for=payload.get("hint_for"), now=self.wall_clock(), encoded=raw)
                 if payload.get("hint_for"):
                     self._count("hints_stored")
                 return {"ok": True}
@@ -412,8 +465,6 @@ class DynamoService:
                     limit=int(payload.get("limit") or 0) or None,
                 )
                 return {"items": [[b64(k), b64(versions.encode_object(o))] for k, o in items], "more": more}
-            if method == "ping":
-                return {"node": self.node_id, "actor": replica.actor}
             if method.startswith("aae_") or method in ("fetch_many", "store_many"):
                 return await self.aae.handle(method, payload)
             if method in ("reap_check", "reap"):

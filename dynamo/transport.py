@@ -56,6 +56,9 @@ class RemoteError(Exception):
 
 
 Handler = Callable[[str, dict], Awaitable[dict]]
+# Optional: answers the methods it can without waiting for anything (a local read), in
+# line; returns None for the others, which go to the `Handler` as a task.
+ImmediateHandler = Callable[[str, dict], "dict | None"]
 
 
 class Transport(Protocol):
@@ -81,10 +84,11 @@ class PeerServer:
     on the same port, HTTP `POST /peer/<method>` (aiohttp; for tools and `HttpTransport`).
     A connection's first bytes say which: the framed wire opens with `framed.MAGIC`."""
 
-    def __init__(self, host: str, port: int, secret: str, handler: Handler):
+    def __init__(self, host: str, port: int, secret: str, handler: Handler, immediate: ImmediateHandler | None = None):
         if not secret:
             raise ValueError("peer traffic needs a non-empty cluster secret")
         self.host, self.port, self.secret, self.handler = host, port, secret, handler
+        self.immediate = immediate
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.AbstractServer | None = None
         self._framed: set[asyncio.BaseTransport] = set()
@@ -156,7 +160,7 @@ class _FirstBytes(asyncio.Protocol):
         if len(self.head) < len(MAGIC) and MAGIC.startswith(self.head):
             return
         if self.head.startswith(MAGIC):
-            protocol = FramedServerProtocol(self.server.secret, self.server.handler)
+            protocol = FramedServerProtocol(self.server.secret, self.server.handler, self.server.immediate)
             self.server._framed.add(self.transport)
             protocol.on_lost = self.server._framed.discard
         else:

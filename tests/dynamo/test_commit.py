@@ -139,3 +139,32 @@ async def test_a_replica_on_a_real_engine_shares_fsyncs(tmp_path):
         assert all(replica.fetch(b"k%d" % i).live_values == [b"v"] for i in range(64))
     finally:
         engine.close()
+
+
+async def test_queued_writers_beyond_the_pending_cap_survive_cancellation():
+    # A writer cancelled while it waits for a slot gives up its place, not someone else's.
+    engine = SlowEngine(delay=0.02)
+    queue = CommitQueue(engine, max_pending=2)
+    writers = [asyncio.ensure_future(queue.write([("put", b"k%d" % i, b"v")])) for i in range(8)]
+    await asyncio.sleep(0)
+    writers[3].cancel()
+    writers[5].cancel()
+    results = await asyncio.gather(*writers, return_exceptions=True)
+    cancelled = [i for i, r in enumerate(results) if isinstance(r, asyncio.CancelledError)]
+    assert cancelled == [3, 5]
+    assert sorted(engine.data) == sorted(b"k%d" % i for i in range(8) if i not in (3, 5))
+    assert queue._pending == 0 and not queue._slot_waiters
+    queue.close()
+
+
+async def test_close_stops_the_worker_thread_after_its_group():
+    engine = SlowEngine(delay=0.01)
+    queue = CommitQueue(engine)
+    await queue.write([("put", b"a", b"1")])
+    worker = queue._worker
+    assert worker is not None and worker.is_alive()
+    queue.close()
+    assert not worker.is_alive()
+    await queue.write([("put", b"b", b"2")])  # a later write starts a new worker
+    assert engine.data[b"b"] == b"2"
+    queue.close()

@@ -227,3 +227,32 @@ async def test_calls_beyond_the_outstanding_cap_queue_instead_of_failing(peer, m
         await asyncio.gather(*more)
     finally:
         await transport.close()
+
+
+async def test_immediate_methods_are_answered_in_line_and_others_go_to_the_handler():
+    peer = Peer()
+    immediate_calls = []
+
+    def immediate(method, payload):
+        immediate_calls.append(method)
+        if method == "now":
+            return {"now": payload["i"]}
+        if method == "refuse_now":
+            raise RemoteError("not_ready", "starting")
+        return None
+
+    peer.server = PeerServer("127.0.0.1", peer.port, "s3cret", peer.handler, immediate)
+    await peer.server.start()
+    transport = StreamTransport({"a": peer.address}, "s3cret")
+    try:
+        replies = await asyncio.gather(*(transport.call("a", "now", {"i": i}, 5.0) for i in range(50)))
+        assert [r["now"] for r in replies] == list(range(50))
+        assert (await transport.call("a", "echo", {}, 5.0))["method"] == "echo"
+        with pytest.raises(RemoteError) as err:
+            await transport.call("a", "refuse_now", {}, 5.0)
+        assert err.value.code == "not_ready"
+        assert peer.calls == ["echo"]  # "now" and "refuse_now" never reached the async handler
+        assert immediate_calls.count("now") == 50 and "echo" in immediate_calls
+    finally:
+        await transport.close()
+        await peer.stop()

@@ -92,3 +92,19 @@ def test_a_handover_read_waits_for_every_replica_not_just_r():
     quick.reply("new1", None)
     quick.reply("new2", None)
     assert quick.done and quick.reconciled() is None  # what wait_all prevents
+
+
+def test_read_tally_decodes_equal_copies_once_and_repairs_only_the_stale_one():
+    from dynamo.versions import encode_object
+
+    v1 = new_write(None, VClock(), b"v1", "n1.x", 1.0)
+    v2 = new_write(v1, v1.clock, b"v2", "n1.x", 2.0)
+    tally = ReadTally(r=2, planned=3)
+    tally.reply_encoded("a", encode_object(v2))
+    tally.reply_encoded("b", encode_object(v2))
+    assert tally.done and tally.replies["a"] is tally.replies["b"]  # one decode for equal bytes
+    assert tally.reconciled().live_values == [b"v2"] and tally.repairs() == []
+    tally.reply_encoded("c", encode_object(v1))
+    assert tally.repairs() == ["c"]  # reconciled again after the new reply
+    tally.reply_encoded("d", None)
+    assert tally.repairs() == ["c", "d"]

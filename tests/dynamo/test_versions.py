@@ -130,3 +130,37 @@ async def test_pruning_never_lets_a_replica_reuse_a_dot():
     second = await a.coordinate(b"k", b"a2", VClock(), hint_for=None, now=4.0)
     assert all(s.dot != first.siblings[0].dot for s in second.siblings if s.value == b"a2")
     assert b"a2" in merge(b.fetch(b"k"), second).live_values
+
+
+def test_object_codec_writes_the_documented_bytes():
+    # b"DV" 0x01, 2 actors (len, utf-8, counter, float64) in sorted order, 2 siblings
+    # (actor index, counter, float64 timestamp, flag, value length, value); a counter of
+    # 300 takes two varint bytes (0xAC 0x02).
+    from dynamo.versions import Dot, Sibling, VersionedObject
+    import struct
+
+    obj = VersionedObject(
+        VClock({"b.2": (300, 2.5), "a.1": (1, 1.5)}),
+        (Sibling(Dot("a.1", 1), b"x", 1.25), Sibling(Dot("b.2", 300), None, 2.5)),
+    )
+    f64 = lambda v: struct.pack(">d", v)  # noqa: E731
+    expected = (
+        b"DV\x01" + b"\x02"
+        + b"\x03a.1" + b"\x01" + f64(1.5)
+        + b"\x03b.2" + b"\xac\x02" + f64(2.5)
+        + b"\x02"
+        + b"\x00" + b"\x01" + f64(1.25) + b"\x01" + b"\x01x"
+        + b"\x01" + b"\xac\x02" + f64(2.5) + b"\x00"
+    )  # fmt: skip
+    assert encode_object(obj) == expected
+    back = decode_object(expected)
+    assert back.clock.items() == obj.clock.items() and back.siblings == obj.siblings
+
+
+def test_a_malformed_object_is_a_value_error():
+    import pytest
+
+    raw = encode_object(new_write(None, VClock(), b"value", "n1.x", 1.0))
+    for broken in (raw[:-1], raw[: len(raw) // 2], raw[:4], raw + b"\x00", b"XX" + raw[2:]):
+        with pytest.raises(ValueError):
+            decode_object(broken)
