@@ -2,7 +2,9 @@
 
 Every write is appended to the active data file; an in-memory *keydir* maps each live key
 to `(file id, offset, size)` of its newest record, so a get is one dict lookup and one read
-(an mmap slice for immutable files, a `pread` for the active one) plus a CRC check:
+(an mmap slice; for the active file, which is mapped again after every `_REMAP_BYTES` it
+grows, a `pread` of its last flushed bytes or a copy from the append buffer) plus a CRC
+check of the whole record:
 
     put(b"a", b"1")   -> record at (1, 20, 15)      keydir {a: (1, 20, 15)}
     put(b"a", b"22")  -> record at (1, 35, 16)      keydir {a: (1, 35, 16)}; 15 bytes dead
@@ -33,10 +35,12 @@ changed, O(log N + items) when none did; `stats()` counts `scan_sorts` and
 Threads: one lock (`_lock`) serialises appends and keydir changes; gets take no lock (a
 dict lookup of an immutable `(file id, offset, size)` tuple is atomic under the GIL). A
 lock-free read can race with a rotation (the active file's descriptor released as it is
-read), a buffer flush or a merge retiring the file; it then fails its CRC/key check and
-is retried with the key's current entry, and a read that still fails on a file no merge
-retired is repeated under `_lock`, where nothing moves, before CorruptionError is raised
-(`_read_slow`, `_read_locked`). Group commit shares fsyncs among `sync="always"` writers
+read), a buffer flush, a remap (harmless: the old map stays valid while the reader holds
+it) or a merge retiring the file; it then fails its CRC/key check and is retried with
+the key's current entry, and a read that still fails on a file no merge retired is
+repeated under `_lock`, where nothing moves, before CorruptionError is raised
+(`_read_slow`, `_read_locked`). A hit does not check `_closed`: close() closes every map,
+so such a read fails and the slow path raises EngineClosed. Group commit shares fsyncs among `sync="always"` writers
 (base.GroupCommit; `_sync_files` returns the position its flush and fsync covered, so
 writers that appended meanwhile return without an fsync of their own). A merge never
 holds the write lock for longer than a buffer flush (see `merge()`); one engine per
@@ -93,6 +97,7 @@ from .format import (
     find_valid_record,
     hint_file_name,
     keydir_entries,
+    last_entries,
     parse_file_name,
     parse_records,
 )
@@ -110,6 +115,9 @@ _PACK_CRC = CRC.pack
 _SWAP_CHUNK = 256
 # A merge writes its output through a buffer of this size.
 _MERGE_BUFFER_BYTES = 1 << 20
+# The active file is mapped again once this much was flushed past its map: a map call
+# per this many bytes written, and at most this much of the file read with pread.
+_REMAP_BYTES = 1 << 20
 # A get retries this many times when merges retire the file it was reading.
 _READ_RETRIES = 8
 # Hint files of rotated files waiting for the maintenance thread, each holding its file's
@@ -126,8 +134,8 @@ class HashOptions:
     # mean fewer files and merges; smaller ones reclaim space sooner.
     max_file_bytes: int = 64 * 1024 * 1024
     # Appends collect in a user-space buffer that is written out at this size, at every
-    # sync, before a read of a record still in it, and (sync="never") within
-    # sync_interval_ms by a flusher thread: the put path is one buffered append.
+    # sync and (sync="never") within sync_interval_ms by a flusher thread: the put path
+    # is one buffered append. A get of a record still in it copies it from there.
     write_buffer_bytes: int = 64 * 1024
     # Merge in the background when dead bytes in immutable files are at least this
     # fraction of them and at least merge_min_dead_bytes. A merge rewrites every live
@@ -154,46 +162,61 @@ HASH_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(HashOptions))
 
 
 class DataFile:
-    """One open data file. The active one is read with pread (`mm` None) up to `flushed`;
-    an immutable one through `mm`. `retired` is set before a merge closes it."""
+    """One open data file. `mm` maps its first `mapped` bytes (None and 0 until mapped).
+    An immutable (`sealed`) file is mapped whole. The active one is mapped up to a recent
+    flush (remapped as it grows, `_flush`), read with pread from there up to `flushed`,
+    and from the append buffer beyond. `retired` is set before a merge closes it."""
 
-    __slots__ = ("file_id", "path", "fd", "mm", "size", "flushed", "retired", "closed")
+    __slots__ = ("file_id", "path", "fd", "mm", "mapped", "sealed", "size", "flushed", "retired", "closed")
 
     def __init__(self, file_id: int, path: str, fd: int, size: int) -> None:
         self.file_id = file_id
         self.path = path
         self.fd = fd
         self.mm: mmap.mmap | None = None
+        self.mapped = 0
+        self.sealed = False
         self.size = size
         self.flushed = size
         self.retired = False
         self.closed = False
 
     def map(self) -> None:
+        """Map the whole file, which is immutable from now on."""
         self.mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+        self.mapped = len(self.mm)
+        self.sealed = True
+
+    def map_prefix(self, length: int) -> None:
+        """Map the active file's first `length` (flushed) bytes. A reader may still hold
+        the previous map: it stays valid (and mapped) until its last reference goes.
+        `mm` is set before `mapped`, so a lock-free reader that sees the new length sees
+        a map at least that long."""
+        self.mm = mmap.mmap(self.fd, length, access=mmap.ACCESS_READ)
+        self.mapped = length
 
     def release_fd(self) -> None:
         """An immutable file that is durable needs no descriptor of its own: the mmap
         holds one. Halves the descriptors an engine with many files holds."""
-        if self.mm is not None and self.fd >= 0:
+        if self.sealed and self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
     def read(self, offset: int, size: int) -> bytes:
-        mm = self.mm
-        if mm is None:
+        end = offset + size
+        if end > self.mapped:
             try:
                 return os.pread(self.fd, size, offset)
             except OSError:
-                mm = self.mm  # rotated meanwhile: its descriptor is gone, its mmap is there
-                if mm is None:
+                if end > self.mapped:  # else rotated meanwhile: its fd is gone, its map is there
                     raise
-        return mm[offset:offset + size]
+        return self.mm[offset:end]
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self.mapped = 0  # lock-free gets take the slow path, which sees why
         if self.mm is not None:
             try:
                 self.mm.close()
@@ -269,8 +292,16 @@ class HashEngine:
         self._active: DataFile | None = None
         self._active_id = 0
         self._active_size = 0
-        self._active_index: dict[bytes, tuple[int, int, int]] = {}
-        self._pending_hints: dict[int, tuple[DataFile, dict]] = {}
+        # What the active file's hint will hold: every record's key and keydir entry in
+        # append order (a negative size for a tombstone). Lists, not a dict: an append
+        # costs a fifth of a dict store. The hint keeps each key's last entry; while
+        # `_active_unique` (no key twice: no overwrite within the file, no tombstone, no
+        # batch) the lists are that already and the hint skips the dedup pass.
+        self._active_keys: list[bytes] = []
+        self._active_entries: list[tuple[int, int, int]] = []
+        self._active_unique = True
+        # file id -> (rotated file, keys, entries, unique) waiting for the maintenance thread
+        self._pending_hints: dict[int, tuple[DataFile, list, list, bool]] = {}
         self._unsynced: list[DataFile] = []
         self._dir_dirty = False
         self._buf = bytearray()
@@ -472,7 +503,7 @@ class HashEngine:
             if entry[2] > 0:
                 keydir[key] = entry
                 dead[file_id] -= entry[2]
-        self._write_hint_file(df, index)
+        self._write_hint_file(df, list(index), list(index.values()))
         return True
 
     # ------------------------------------------------------------------ files
@@ -491,7 +522,9 @@ class HashEngine:
         self._active = df
         self._active_id = file_id
         self._active_size = HEADER_SIZE
-        self._active_index = {}
+        self._active_keys = []
+        self._active_entries = []
+        self._active_unique = True
         self._dir_dirty = True
 
     def _fsync_dir(self) -> None:
@@ -505,10 +538,19 @@ class HashEngine:
         """Write the append buffer to the active file. Caller holds `_lock`."""
         buf = self._buf
         if buf:
-            _write_all(self._active.fd, buf)
-            self._active.flushed += len(buf)
-            self._active.size = self._active.flushed
+            active = self._active
+            _write_all(active.fd, buf)
+            active.flushed += len(buf)
+            active.size = active.flushed
             buf.clear()
+            if active.flushed - active.mapped >= _REMAP_BYTES:
+                # Gets of the mapped part slice the map, which costs less than a pread.
+                try:
+                    active.map_prefix(active.flushed)
+                except OSError as exc:  # e.g. out of map areas: gets pread instead, writes go on
+                    if not self._stats["remap_errors"]:
+                        logger.warning("%s: cannot map the active file (%s): reading it with pread", active.path, exc)
+                    self._stats["remap_errors"] += 1
 
     def _flush_loop(self) -> None:
         """sync="never": write the append buffer to the OS every sync_interval_ms."""
@@ -540,7 +582,7 @@ class HashEngine:
         # releases it under _fsync_lock: a sync may be using it right now.
         self._unsynced.append(old)
         self._base_position += old.size
-        self._pending_hints[old.file_id] = (old, self._active_index)
+        self._pending_hints[old.file_id] = (old, self._active_keys, self._active_entries, self._active_unique)
         if len(self._pending_hints) > _MAX_PENDING_HINTS:
             del self._pending_hints[min(self._pending_hints)]
             self._stats["hint_jobs_dropped"] += 1
@@ -573,7 +615,7 @@ class HashEngine:
                     continue  # retired by a merge (its live records are in synced outputs)
                 if df.fd >= 0:
                     os.fsync(df.fd)
-                    if df.mm is not None:
+                    if df.sealed:
                         df.release_fd()  # rotated: the mmap is enough from now on
                 else:
                     fd = os.open(df.path, os.O_RDONLY)
@@ -586,11 +628,14 @@ class HashEngine:
         self._stats["fsyncs"] += 1
         return covered
 
-    def _write_hint_file(self, df: DataFile, index: dict) -> None:
-        """Write df's hint atomically (temp file, fsync, rename)."""
+    def _write_hint_file(self, df: DataFile, keys: list, entries: list, unique: bool = True) -> None:
+        """Write df's hint atomically (temp file, fsync, rename): `keys[i]`'s last record
+        in df is `entries[i]`; with `unique` False, keys may repeat (the last one counts)."""
         final = os.path.join(self._dir, hint_file_name(df.file_id))
         tmp = final + ".tmp"
-        data = encode_hint(df.file_id, index, df.size)
+        if not unique:
+            keys, entries = last_entries(keys, entries)
+        data = encode_hint(df.file_id, keys, entries, df.size)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _write_all(fd, data)
@@ -603,8 +648,8 @@ class HashEngine:
     # ------------------------------------------------------------------ reads
 
     def get(self, key: bytes) -> bytes | None:
-        if self._closed:
-            raise EngineClosed("hash engine is closed")
+        # No closed check on a hit: close() closes every map (a slice of a closed map
+        # raises ValueError), which sends the read to _read_slow, which raises EngineClosed.
         # The key is validated only on a miss: every key in the keydir passed check_key
         # when it was written, and anything else (str, int, too long, empty) is not in it.
         # Unhashable keys (bytearray, a writable memoryview) are converted first; a
@@ -612,36 +657,42 @@ class HashEngine:
         try:
             entry = self._keydir.get(key)
         except (TypeError, ValueError):
+            if self._closed:
+                raise EngineClosed("hash engine is closed") from None
             key = check_key(key, self.options)
             entry = self._keydir.get(key)
         if entry is None:
+            if self._closed:
+                raise EngineClosed("hash engine is closed")
             if type(key) is not bytes or not 0 < len(key) <= self._max_key:
                 check_key(key, self.options)
             return None
         file_id, offset, size = entry
         df = self._files.get(file_id)
         if df is not None:
-            mm = df.mm
-            if mm is not None:
+            end = offset + size
+            if end <= df.mapped:  # an immutable file, or the mapped part of the active one
                 try:
-                    rec = mm[offset:offset + size]
-                except ValueError:  # closed by a merge that retired the file
+                    rec = df.mm[offset:end]
+                except ValueError:  # closed by a merge that retired the file, or by close()
                     rec = b""
-                # The whole record's CRC (format.RESIDUE), then that it is a put of this key.
-                if crc32(rec) == RESIDUE and rec[0] == KIND_PUT and rec.startswith(key, FIELDS_SIZE):
-                    return rec[FIELDS_SIZE + len(key):-4]
-            elif offset + size <= df.flushed:
+            elif end <= df.flushed:
                 try:
                     rec = os.pread(df.fd, size, offset)
                 except OSError:
                     rec = b""
-                if crc32(rec) == RESIDUE and rec[0] == KIND_PUT and rec.startswith(key, FIELDS_SIZE):
-                    return rec[FIELDS_SIZE + len(key):-4]
+            else:
+                rec = b""
+            # The whole record's CRC (format.RESIDUE), then that it is a put of this key
+            # (a slice compare costs less than startswith, which parses its arguments).
+            value_start = FIELDS_SIZE + len(key)
+            if crc32(rec) == RESIDUE and rec[0] == KIND_PUT and rec[FIELDS_SIZE:value_start] == key:
+                return rec[value_start:-4]
         return self._read_slow(key, entry)
 
     def _read_record(self, df: DataFile, entry) -> bytes | None:
         file_id, offset, size = entry
-        if df.mm is None and offset + size > df.flushed:
+        if not df.sealed and offset + size > df.flushed:
             with self._lock:
                 if df is self._active and offset >= df.flushed:
                     # Still in the append buffer (which holds whole records): copy it
@@ -798,11 +849,15 @@ class HashEngine:
             check_key(key, self.options)
             check_value(value, self.options)
         # The record is fields | key | value | crc; the CRC is appended after the rest so
-        # the record is never built whole (one copy fewer of the value).
-        body = b"".join((_PACK_FIELDS(KIND_PUT, key_len, value_len), key, value))
+        # the record is never built whole (one copy fewer of the value). Two concatenations
+        # cost less than a join (which needs a tuple built first).
+        body = _PACK_FIELDS(KIND_PUT, key_len, value_len) + key + value
         crc = _PACK_CRC(crc32(body))
         size = key_len + value_len + RECORD_OVERHEAD
-        with self._lock:
+        # acquire/release rather than `with`: half the cost, and this is the hot path.
+        lock = self._lock
+        lock.acquire()
+        try:
             if self._closed:
                 raise EngineClosed("hash engine is closed")
             offset = self._active_size
@@ -814,19 +869,24 @@ class HashEngine:
             buf += crc
             self._active_size = offset + size
             entry = (self._active_id, offset, size)
-            keydir = self._keydir
-            old = keydir.get(key)
-            keydir[key] = entry
-            self._active_index[key] = entry
-            if old is not None:
+            # One dict operation for a new key; an overwrite stores the entry after it.
+            old = self._keydir.setdefault(key, entry)
+            if old is not entry:
+                self._keydir[key] = entry
                 self._dead[old[0]] += old[2]
+                if old[0] == entry[0]:
+                    self._active_unique = False
             elif self._new_keys is not None:
                 self._new_keys.append(key)
+            self._active_keys.append(key)
+            self._active_entries.append(entry)
             if len(buf) >= self._buffer_limit:
                 self._flush()
             if self._after_write is None:  # sync="never": nothing more to do
                 return
             position = self._base_position + offset + size
+        finally:
+            lock.release()
         self._after_write(position)
 
     def delete(self, key: bytes) -> None:
@@ -848,7 +908,9 @@ class HashEngine:
                     offset = HEADER_SIZE
                 self._buf += record
                 self._active_size = offset + size
-                self._active_index[key] = (self._active_id, offset, -size)
+                self._active_keys.append(key)
+                self._active_entries.append((self._active_id, offset, -size))
+                self._active_unique = False
                 dead = self._dead
                 dead[old[0]] += old[2]
                 dead[self._active_id] += size
@@ -885,7 +947,9 @@ class HashEngine:
             file_id = self._active_id
             self._buf += frame
             self._active_size = start + len(frame)
-            keydir, dead, index = self._keydir, self._dead, self._active_index
+            keydir, dead = self._keydir, self._dead
+            index_keys, index_entries = self._active_keys, self._active_entries
+            self._active_unique = False  # (rarely worth working out)
             dead[file_id] += len(frame) - sum(map(len, records))  # the frame's own bytes
             offset = start + FIELDS_SIZE
             for (op, key, _value), record in zip(ops, records):
@@ -904,7 +968,8 @@ class HashEngine:
                         self._count_scan_delete()
                 if old is not None:
                     dead[old[0]] += old[2]
-                index[key] = entry
+                index_keys.append(key)
+                index_entries.append(entry)
                 offset += size
             if len(self._buf) >= self._buffer_limit:
                 self._flush()
@@ -1114,7 +1179,7 @@ class HashEngine:
         """Close the descriptors of rotated files (their mmaps hold one), so an engine
         with many files holds one descriptor per file. Fsyncs reopen them by name."""
         with self._lock:
-            idle = [df for df in self._files.values() if df.mm is not None and df.fd >= 0]
+            idle = [df for df in self._files.values() if df.sealed and df.fd >= 0]
         with self._fsync_lock:
             for df in idle:
                 if not df.closed:
@@ -1127,12 +1192,12 @@ class HashEngine:
                 if not self._pending_hints:
                     return
                 file_id = min(self._pending_hints)
-                df, index = self._pending_hints.pop(file_id)
+                df, keys, entries, unique = self._pending_hints.pop(file_id)
             if df.closed:
                 continue
             # The hint records the data file's size; if a power loss leaves the data
             # file shorter than that, the next open sees the mismatch and scans it.
-            self._write_hint_file(df, index)
+            self._write_hint_file(df, keys, entries, unique)
 
     def wait_idle(self) -> None:
         """Finish background work now: hint files of rotated files (and a running merge)."""
@@ -1161,9 +1226,9 @@ class HashEngine:
             self._write_pending_hints()
             with self._lock:
                 active = self._active
-                index = self._active_index
+                keys, entries, unique = self._active_keys, self._active_entries, self._active_unique
             if active.size > HEADER_SIZE:
-                self._write_hint_file(active, index)
+                self._write_hint_file(active, keys, entries, unique)
             else:
                 with self._fsync_lock:
                     active.close()
@@ -1206,7 +1271,7 @@ class HashEngine:
             "rotations", "merges", "merge_bytes_reclaimed", "merge_bytes_written",
             "hint_files_loaded", "hint_entries_loaded", "hint_files_written", "stale_hints_ignored",
             "data_files_scanned", "records_scanned_at_open", "torn_tails", "bytes_cut_at_open",
-            "maintenance_errors", "hint_jobs_dropped",
+            "maintenance_errors", "hint_jobs_dropped", "remap_errors",
         ):
             out[name] = self._stats[name]
         return out
@@ -1242,7 +1307,10 @@ class HashEngine:
                 assert not df.retired and not df.closed
             assert self._active is self._files[self._active_id]
             assert self._active_size == self._active.size == self._active.flushed
-            for key, entry in self._active_index.items():
+            keys, entries = last_entries(self._active_keys, self._active_entries)
+            if self._active_unique:
+                assert len(keys) == len(self._active_keys), "the active file holds a key twice, marked unique"
+            for key, entry in zip(keys, entries):
                 assert entry[0] == self._active_id
                 if entry[2] > 0:
                     assert self._keydir.get(key) is entry, f"active index of {key!r} disagrees with the keydir"
@@ -1311,7 +1379,7 @@ class _MergeOutput:
         df = DataFile(self.file_id, final, fd, self.size)
         df.map()
         df.release_fd()
-        engine._write_hint_file(df, self.index)
+        engine._write_hint_file(df, list(self.index), list(self.index.values()))
         engine._fsync_dir()
         self.keys_moved += engine._publish_merge_output(df, self.moved)
         self.published.append(self.file_id)

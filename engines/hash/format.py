@@ -234,15 +234,14 @@ def find_valid_record(buf, start: int, max_key: int, max_value: int) -> int | No
 #   footer   data file size u64 | crc32 u32 of every byte before it
 
 
-def encode_hint(file_id: int, entries: dict, data_size: int) -> bytes:
-    """`entries`: key -> (file id, offset, size) with a negative size for a tombstone.
+def encode_hint(file_id: int, keys: list, values: list, data_size: int) -> bytes:
+    """`keys[i]`'s last record in the data file is at `values[i]` = (file id, offset,
+    size), a negative size for a tombstone. Each key appears once (see `last_entries`).
 
     Built with C-level map/itemgetter passes into lists, then arrays (an array filled from
     a list is several times faster than from an iterator or a comprehension): a hint of
     half a million entries is written while writers run, and this was most of its cost.
     """
-    keys = list(entries)
-    values = list(entries.values())
     signed_sizes = list(map(_ENTRY_SIZE, values))
     if not signed_sizes or min(signed_sizes) > 0:
         kinds = bytes([KIND_PUT]) * len(keys)
@@ -268,6 +267,12 @@ def encode_hint(file_id: int, entries: dict, data_size: int) -> bytes:
         )
     )
     return out + CRC.pack(crc32(out))
+
+
+def last_entries(keys: list, values: list) -> tuple[list, list]:
+    """Keep each key's last value, in order of first appearance (C-level dict passes)."""
+    index = dict(zip(keys, values))
+    return list(index), list(index.values())
 
 
 def decode_hint(buf: bytes, file_id: int, path: str):

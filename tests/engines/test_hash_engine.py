@@ -13,8 +13,9 @@ import zlib
 
 import pytest
 
-from engines import CorruptionError, InvalidArgument
+from engines import CorruptionError, EngineClosed, InvalidArgument
 from engines.hash import HashEngine
+from engines.hash import engine as hash_engine
 from engines.hash import format as fmt
 
 from .conftest import directory_bytes, model_scan
@@ -715,3 +716,115 @@ def test_sync_never_hands_the_append_buffer_to_the_os_within_the_interval(open_h
     copy = crash_copy(open_hash.path, open_hash.path + "-crashed")
     engine.close()
     assert open_hash(copy).get(b"k") == b"v" * 100
+
+
+# --------------------------------------------------------------------------- active file map
+
+
+def test_active_file_is_read_through_its_map_and_checked(open_hash, monkeypatch):
+    """Gets of the active file slice its map once enough was flushed past it, pread
+    the rest of the flushed bytes, and copy from the append buffer beyond; a flipped
+    byte in a mapped record is still caught, naming the file."""
+    monkeypatch.setattr(hash_engine, "_REMAP_BYTES", 1024)
+    engine = open_hash(max_file_bytes=1 << 20, write_buffer_bytes=512)
+    values = {b"k%04d" % i: b"v%04d" % i * 10 for i in range(300)}
+    for key, value in values.items():
+        engine.put(key, value)
+    active = engine._active
+    assert not active.sealed and active.mm is not None
+    assert 1024 <= active.mapped <= active.flushed < active.size + len(engine._buf) + 1
+    where = {"map": 0, "pread": 0, "buffer": 0}
+    for key, (file_id, offset, size) in engine._keydir.items():
+        assert file_id == active.file_id
+        end = offset + size
+        where["map" if end <= active.mapped else "pread" if end <= active.flushed else "buffer"] += 1
+    assert all(where.values()), where  # every path is taken below
+    assert all(engine.get(key) == value for key, value in values.items())
+    engine._check()
+
+    file_id, offset, size = engine._keydir[b"k0003"]
+    assert offset + size <= active.mapped
+    flip(active.path, offset + size - 6)  # the map shares the page cache: it sees this
+    with pytest.raises(CorruptionError) as info:
+        engine.get(b"k0003")
+    assert info.value.path == active.path
+    assert engine.get(b"k0004") == values[b"k0004"]
+
+
+def test_get_after_close_raises_for_mapped_records(open_hash, monkeypatch):
+    """Hits skip the closed check: close() closes every map, which sends them to the
+    slow path, which raises EngineClosed (never a value, never another error)."""
+    monkeypatch.setattr(hash_engine, "_REMAP_BYTES", 256)
+    engine = open_hash(max_file_bytes=4096, write_buffer_bytes=256)
+    for i in range(100):
+        engine.put(b"k%03d" % i, b"v" * 40)
+    sealed = [k for k, e in engine._keydir.items() if engine._files[e[0]].sealed]
+    mapped_active = [k for k, e in engine._keydir.items()
+                     if e[0] == engine._active_id and e[1] + e[2] <= engine._active.mapped]
+    assert sealed and mapped_active
+    engine.close()
+    for key in (sealed[0], mapped_active[0], b"k099", b"missing"):
+        with pytest.raises(EngineClosed):
+            engine.get(key)
+
+
+def test_reads_stay_correct_while_the_active_file_is_remapped(open_hash, monkeypatch):
+    """The hammer above with the active file remapped at nearly every flush: lock-free
+    gets race with remaps and rotations as well as with merges."""
+    monkeypatch.setattr(hash_engine, "_REMAP_BYTES", 64)
+    engine = open_hash(auto_merge=False, max_file_bytes=2048, write_buffer_bytes=256)
+    done = _hammer_reads_during_merges(engine, writers=3, seconds=1.5, min_merges=3)
+    assert done["reads"] > 0
+
+
+def test_hint_of_a_rotated_file_keeps_each_keys_last_record(open_hash):
+    """The active file's index is kept as lists in append order; its hint must hold the
+    last record of each key there (a put after a delete, a delete after a put)."""
+    engine = open_hash(max_file_bytes=1 << 20)
+    engine.put(b"a", b"1")
+    engine.put(b"b", b"1")
+    engine.put(b"a", b"2")
+    engine.delete(b"b")
+    engine.write([("put", b"c", b"1"), ("delete", b"a", None)])
+    engine.put(b"a", b"3")
+    engine.put(b"d", b"1")
+    engine.delete(b"d")
+    engine.close()
+    engine = open_hash()
+    assert engine.stats()["hint_files_loaded"] == 1 and engine.stats()["data_files_scanned"] == 0
+    assert dict(engine.scan()) == {b"a": b"3", b"c": b"1"}
+    engine._check()
+
+
+def test_hint_after_overwrites_within_one_file_counts_each_key_once(open_hash):
+    """Overwrites alone (no delete, no batch) also repeat a key in the active file: its
+    hint must still hold each key once, or the reopened byte accounting drifts."""
+    engine = open_hash(max_file_bytes=1 << 20)
+    for round_ in range(3):
+        for i in range(50):
+            engine.put(b"k%02d" % i, b"v%d" % round_ * 20)
+    engine.put(b"new", b"1")
+    engine.close()
+    engine = open_hash()
+    assert engine.stats()["hint_entries_loaded"] == 51
+    assert engine.stats()["dead_bytes"] == 2 * 50 * (fmt.RECORD_OVERHEAD + 3 + 40)
+    engine._check()
+    assert engine.get(b"k07") == b"v2" * 20
+
+
+def test_a_failed_remap_of_the_active_file_fails_no_write(open_hash, monkeypatch):
+    """Mapping the active file is only a faster read path: if mmap fails (out of map
+    areas), writes go on and gets pread."""
+    monkeypatch.setattr(hash_engine, "_REMAP_BYTES", 256)
+
+    def no_map(self, length):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(hash_engine.DataFile, "map_prefix", no_map)
+    engine = open_hash(max_file_bytes=1 << 20, write_buffer_bytes=256)
+    values = {b"k%03d" % i: b"v%03d" % i * 10 for i in range(100)}
+    for key, value in values.items():
+        engine.put(key, value)
+    assert engine._active.mapped == 0 and engine.stats()["remap_errors"] > 0
+    assert all(engine.get(key) == value for key, value in values.items())
+    engine._check()
