@@ -340,7 +340,7 @@ async def _serve(config, factory, host: str, port: int, parent_pid: int | None, 
     from api.routes.common import LIMITS_KEY
 
     service = factory(config)
-    app = make_app(service, config)
+    app = make_app(service, config, tune_gc=True)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, **server_kwargs(app[LIMITS_KEY]))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -79,3 +79,33 @@ def test_json_rendering_of_service_output():
     assert response.text == '{"key": "k", "context": "C"}'
     assert response.headers["Content-Type"] == "application/json; charset=utf-8"
     assert response.headers["X-Capkv-Context"] == "C"
+
+
+async def test_a_started_node_tunes_its_collector_once_and_an_embedded_app_does_not(aiohttp_client, monkeypatch):
+    import gc
+
+    import api.app as app_module
+    from tests.api.conftest import LIMITS, node_config, started_server
+    from tests.api.fakes import FakeCPService
+
+    calls = []
+    monkeypatch.setattr(app_module, "tune_gc_for_serving", lambda: calls.append("tuned"))
+    await aiohttp_client(await started_server(app_module.make_app(FakeCPService(node_config()), node_config(), limits=LIMITS)))
+    assert calls == []
+    await aiohttp_client(await started_server(app_module.make_app(FakeCPService(node_config()), node_config(),
+                                                                  limits=LIMITS, tune_gc=True)))  # fmt: skip
+    assert calls == ["tuned"], "after the service started"
+    monkeypatch.undo()
+
+    threshold, frozen = gc.get_threshold(), gc.get_freeze_count()
+    monkeypatch.setattr(app_module, "_gc_tuned", False)
+    try:
+        assert app_module.tune_gc_for_serving() is True
+        assert gc.get_threshold()[0] == app_module.SERVING_GC_YOUNG_THRESHOLD
+        assert gc.get_freeze_count() > 0, "start-up objects are frozen out of full collections"
+        assert app_module.tune_gc_for_serving() is False, "once per process"
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+        if frozen:
+            gc.freeze()
