@@ -76,14 +76,35 @@ class Result:
 
 
 def cpu_seconds(pids: list[int]) -> float | None:
-    """utime + stime of `pids` from /proc (Linux), or None when unreadable."""
+    """CPU seconds (user + system) of `pids` and all their descendants, from /proc (Linux),
+    or None when unreadable.
+
+    A capkv node's lsm engine flushes and compacts in worker processes of its own: their
+    CPU is the node's too. A descendant alive at both readings is counted by its own
+    utime + stime; one that exited and was reaped meanwhile by its parent's cutime + cstime.
+    """
     ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    total = 0
+    stats: dict[int, list[str]] = {}
     try:
-        for pid in pids:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        stats[int(entry)] = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    pass  # exited while we looked
+        children: dict[int, list[int]] = {}
+        for pid, fields in stats.items():
+            children.setdefault(int(fields[1]), []).append(pid)  # ppid (field 4)
+        total = 0
+        todo = [pid for pid in pids if pid in stats]
+        if len(todo) != len(pids):
+            return None
+        while todo:
+            pid = todo.pop()
+            fields = stats[pid]
+            total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime (fields 14-17)
+            todo.extend(children.get(pid, ()))
     except (OSError, IndexError, ValueError):
         return None
     return total / ticks
