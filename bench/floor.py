@@ -97,9 +97,9 @@ def serve_raw(port: int) -> None:
                 end = buffer.find(b"\r\n\r\n")
                 if end < 0:
                     break
-                head = buffer[:end].lower()
+                head = buffer[:end].lower() + b"\r\n"
                 at = head.find(b"content-length:")
-                length = int(head[at + 15 : head.find(b"\r\n", at) if head.find(b"\r\n", at) > 0 else None]) if at >= 0 else 0
+                length = int(head[at + 15 : head.find(b"\r\n", at)]) if at >= 0 else 0
                 if len(buffer) < end + 4 + length:
                     break
                 buffer = buffer[end + 4 + length :]
