@@ -138,29 +138,11 @@ class _ReplicaHere:
     def __init__(self, service: "DynamoService"):
         self.service = service
 
-    def _replica(self) -> Replica:
-        service = self.service
-        if service.replica is None or not service.started:
-            raise RemoteError("not_ready", "node is starting or stopping")
-        return service.replica
-
     async def coordinate(self, key: bytes, value: bytes | None, context: VClock, *, hint_for: str | None, now: float):
-        replica = self._replica()
-        try:
-            result = await replica.coordinate_encoded(key, value, context, hint_for=hint_for, now=now)
-        except TooManySiblings as exc:
-            raise RemoteError("too_many_siblings", str(exc)) from None
-        except HintsFull as exc:
-            self.service._count("hints_refused")
-            raise RemoteError("hints_full", str(exc)) from None
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RemoteError("bad_request", f"coordinate: {type(exc).__name__}: {exc}") from None
-        if hint_for:
-            self.service._count("hints_stored")
-        return result
+        return await self.service._coordinate_here(key, value, context, hint_for=hint_for, now=now)
 
     def fetch_encoded(self, key: bytes) -> bytes | None:
-        return self._replica().fetch_encoded(key)
+        return self.service._serving_replica().fetch_encoded(key)
 
 
 def _validate(config: NodeConfig) -> None:
@@ -413,14 +395,36 @@ class DynamoService:
         return await self.transport.call(node, method, payload, timeout)
 
     # --- peer RPC --------------------------------------------------------------------------
+    def _serving_replica(self) -> Replica:
+        """This node's replica, or the refusal a peer gets while the node starts or stops."""
+        replica = self.replica
+        if replica is None or not self.started:
+            raise RemoteError("not_ready", "node is starting or stopping")
+        return replica
+
+    async def _coordinate_here(self, key: bytes, value: bytes | None, context: VClock, *, hint_for: str | None, now: float):
+        """`coordinate` on this node's replica, for a peer's call (`handle`) and for this
+        node's own coordinator (`_ReplicaHere`) alike: the new version and its encoding,
+        or the refusal a peer would send."""
+        try:
+            result = await self._serving_replica().coordinate_encoded(key, value, context, hint_for=hint_for, now=now)
+        except TooManySiblings as exc:
+            raise RemoteError("too_many_siblings", str(exc)) from None
+        except HintsFull as exc:
+            self._count("hints_refused")
+            raise RemoteError("hints_full", str(exc)) from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RemoteError("bad_request", f"coordinate: {type(exc).__name__}: {exc}") from None
+        if hint_for:
+            self._count("hints_stored")
+        return result
+
     def handle_now(self, method: str, payload: dict) -> dict | None:
         """`handle` for the methods that wait for nothing (`fetch`, `ping`), answered in
         line by the peer server (no task per request); None for every other method."""
         if method != "fetch" and method != "ping":
             return None
-        replica = self.replica
-        if replica is None or not self.started:
-            raise RemoteError("not_ready", "node is starting or stopping")
+        replica = self._serving_replica()
         if method == "ping":
             return {"node": self.node_id, "actor": replica.actor}
         try:
@@ -432,23 +436,19 @@ class DynamoService:
 
     async def handle(self, method: str, payload: dict) -> dict:
         """The replica side of every peer call (see transport.py for the wire)."""
-        replica = self.replica
-        if replica is None or not self.started:
-            raise RemoteError("not_ready", "node is starting or stopping")
+        replica = self._serving_replica()
         try:
             if method == "fetch" or method == "ping":
                 return self.handle_now(method, payload)
             if method == "coordinate":
                 value = payload.get("value")
-                _, raw = await replica.coordinate_encoded(
+                _, raw = await self._coordinate_here(
                     unb64(payload["key"]),
                     None if value is None else unb64(value),
                     VClock.of({str(a): int(c) for a, c in payload.get("context", {}).items()}),
                     hint_for=payload.get("hint_for"),
                     now=float(payload.get("timestamp") or self.wall_clock()),
                 )
-                if payload.get("hint_for"):
-                    self._count("hints_stored")
                 return {"object": b64(raw)}
             if method == "store":
                 raw = unb64(payload["object"])
