@@ -79,7 +79,7 @@ from . import manifest
 from .compaction import MAX_LEVELS, CompactionPlan, full_plan, merge_runs, pick_compaction, plan_runs
 from .memtable import Memtable
 from .merge import memtable_chunks, merge_chunks, table_chunks
-from .short_scan import SHORT_SCAN_LIMIT, key_density, short_scan
+from .short_scan import SHORT_SCAN_LIMIT, short_scan
 from .worker import WORKER_SUFFIX, WorkerClient, WorkerDied
 from .sstable import TOMBSTONE, BlockCache, Table, write_table
 from .wal import OP_DELETE, OP_PUT, WalWriter, encode_batch, replay
@@ -159,11 +159,10 @@ class _Version:
         # how many entries each holds.
         self.runs = [(t,) for t in levels[0]] + [tables for tables, _ in self.deep]
         self.run_entries = [sum(t.entries for t in run) for run in self.runs]
-        # For short scans: each run with its tables' smallest and largest keys, tombstones,
-        # and entries per unit of key space.
-        self.scan_runs = [(run, [t.smallest for t in run], [t.largest for t in run], sum(t.tombstones for t in run),
-                           key_density(run[0].smallest, run[-1].largest, entries))
-                          for run, entries in zip(self.runs, self.run_entries)]
+        # For short scans: each run with its tables' smallest and largest keys, and its
+        # tombstones.
+        self.scan_runs = [(run, [t.smallest for t in run], [t.largest for t in run], sum(t.tombstones for t in run))
+                          for run in self.runs]
 
 
 class _Cancelled(Exception):
@@ -403,11 +402,14 @@ class LSMEngine:
         return None
 
     def scan(self, start=None, end=None, *, reverse=False, limit=None) -> Iterator[tuple[bytes, bytes]]:
-        check_scan_args(start, end, limit)
+        # The common call, a page of bytes keys, skips the general checks (which it passes).
+        if not (type(limit) is int and limit >= 0 and (start is None or type(start) is bytes)
+                and (end is None or type(end) is bytes)):
+            check_scan_args(start, end, limit)
+            start = None if start is None else bytes(start)
+            end = None if end is None else bytes(end)
         if self._closed:
             raise EngineClosed("lsm engine is closed")
-        start = None if start is None else bytes(start)
-        end = None if end is None else bytes(end)
         if limit is not None and 0 < limit <= SHORT_SCAN_LIMIT:
             if start is not None and end is not None and start >= end:
                 return iter(())

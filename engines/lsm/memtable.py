@@ -67,6 +67,11 @@ class Memtable:
 
         Costs O(new keys * log) plus a linear merge when keys arrived since the last call.
         """
+        # No arrivals since the last merge (a frozen memtable, or a read-mostly one): no
+        # lock. `_sorted` is replaced before `_merged` is advanced, so a list read here
+        # holds at least the first `_merged` arrivals.
+        if len(self._arrivals) == self._merged:
+            return self._sorted
         with self._lock:
             arrived = len(self._arrivals)
             if arrived != self._merged:

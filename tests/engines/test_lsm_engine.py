@@ -392,6 +392,67 @@ def test_short_scans_match_a_model_over_levels_tombstones_and_rounds(path, monke
     engine.close()
 
 
+def test_a_short_scan_in_a_gap_of_a_level_needs_one_round(tmp_path, monkeypatch):
+    """Shares follow the density where a scan starts, not a level's average: a level
+    whose two tables leave a gap (the level above holds those keys) gets no share of a
+    scan that starts well inside the gap, so the one round holds every key. With the
+    average (the gapped level holds more keys in all), the level holding the range got
+    too few candidates and a second round followed. Forward and reverse."""
+    from engines.lsm.sstable import BlockCache, write_table
+
+    cache = BlockCache(1 << 20)
+
+    def table(number, keys):
+        table_path = str(tmp_path / ("%06d.sst" % number))
+        write_table(table_path, keys, [b"v" * 100] * len(keys), block_bytes=4096, bloom_bits_per_key=10)
+        return Table(table_path, number, cache)
+
+    def key(i):  # 8-byte big-endian: the key space is even (decimal digits' is not)
+        return (i << 20).to_bytes(8, "big")
+
+    low = [key(i) for i in range(0, 3000)]
+    middle = [key(i) for i in range(3000, 5000)]
+    high = [key(i) for i in range(5000, 8000)]
+    gapped = (table(1, low), table(2, high))  # a level of two tables; the gap is [3000, 5000)
+    dense = (table(3, middle),)  # the level above, newer: one table over the gap
+    runs = [(tables, [t.smallest for t in tables], [t.largest for t in tables], 0) for tables in (dense, gapped)]
+    entries = [sum(t.entries for t in tables) for tables, *_ in runs]
+    everything = low + middle + high
+    rounds = []
+    merge = short_scan_module._merge
+    monkeypatch.setattr(short_scan_module, "_merge", lambda *args: rounds.append(1) or merge(*args))
+    for first in (3000, 3500, 4000):
+        rounds.clear()
+        got = short_scan_module.short_scan([], runs, entries, key(first), None, False, 100)
+        assert [key for key, _ in got] == everything[first:first + 100]
+        assert len(rounds) == 1, f"forward from {first}: {len(rounds)} rounds"
+    for last in (5000, 4500, 4000):
+        rounds.clear()
+        got = short_scan_module.short_scan([], runs, entries, None, key(last), True, 100)
+        assert [key for key, _ in got] == everything[last - 100:last][::-1]
+        assert len(rounds) == 1, f"reverse from {last}: {len(rounds)} rounds"
+
+
+def test_a_delete_racing_a_short_scan_is_never_returned_as_a_value(path, monkeypatch):
+    """A short scan fetches a memtable's values after it has chosen the keys it keeps; a
+    delete landing in between leaves a tombstone there, which the scan must drop (the
+    memtable counts the delete before it stores it), never hand out as a value."""
+    engine = LSMEngine(path, **SMALL, background_compaction=False)
+    for i in range(50):
+        engine.put(b"k%03d" % i, b"v%03d" % i)
+    merge = short_scan_module._merge
+
+    def racing(*args):
+        engine.delete(b"k010")  # between the takes and the merge's value fetch
+        return merge(*args)
+
+    monkeypatch.setattr(short_scan_module, "_merge", racing)
+    got = list(engine.scan(b"k000", limit=100))
+    assert [key for key, _ in got] == [b"k%03d" % i for i in range(50) if i != 10]
+    assert all(value is not TOMBSTONE for _, value in got)
+    engine.close()
+
+
 # ----------------------------------------------------------------------- recovery
 
 
