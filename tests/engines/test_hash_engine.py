@@ -3,6 +3,7 @@ torn tails, corruption naming the damaged file, reopen. The shared suites in thi
 directory cover the Engine protocol itself."""
 from __future__ import annotations
 
+import gc
 import os
 import random
 import shutil
@@ -13,7 +14,7 @@ import zlib
 
 import pytest
 
-from engines import CorruptionError, EngineClosed, InvalidArgument
+from engines import CorruptionError, EngineClosed, EngineError, InvalidArgument
 from engines.hash import HashEngine
 from engines.hash import engine as hash_engine
 from engines.hash import format as fmt
@@ -63,6 +64,11 @@ def open_hash(tmp_path, engines_opened):
 
     opener.path = path
     return opener
+
+
+def record_location(engine: HashEngine, key: bytes) -> tuple[int, int, int]:
+    """(file id, offset, size) of the key's record, from its packed keydir entry."""
+    return fmt.unpack_entry(engine._keydir[key])
 
 
 def crash_copy(engine_path: str, target: str) -> str:
@@ -382,7 +388,7 @@ def test_flipped_byte_in_an_older_data_file_is_caught_at_get(open_hash):
     engine = open_hash()
     for i in range(200):
         engine.put(b"k%03d" % i, b"value-%03d" % i + b"." * 30)
-    location = engine._keydir[b"k005"]
+    location = record_location(engine, b"k005")
     engine.close()
     damaged = os.path.join(open_hash.path, fmt.data_file_name(location[0]))
     flip(damaged, location[1] + location[2] - 8)  # inside the value
@@ -497,7 +503,7 @@ def test_merge_refuses_to_copy_a_damaged_record(open_hash):
     engine = open_hash(auto_merge=False)
     for i in range(200):
         engine.put(b"k%03d" % i, b"value-%03d" % i + b"." * 30)
-    file_id, offset, size = engine._keydir[b"k010"]
+    file_id, offset, size = record_location(engine, b"k010")
     assert file_id != engine._active_id
     damaged = os.path.join(open_hash.path, fmt.data_file_name(file_id))
     flip(damaged, offset + size - 6)
@@ -696,7 +702,7 @@ def test_a_read_that_raced_with_a_merge_finds_the_moved_record(open_hash):
         engine.put(b"k%03d" % i, b"value-%03d" % i + b"." * 30)
     stale = engine._keydir[b"k001"]
     engine.merge()
-    assert engine._files.get(stale[0]) is None  # retired and closed
+    assert engine._files.get(fmt.entry_file(stale)) is None  # retired and closed
     assert engine._read_slow(b"k001", stale) == b"value-001" + b"." * 30
     engine.put(b"k002", b"new")
     assert engine._read_slow(b"k002", engine._keydir[b"k002"]) == b"new"  # from the append buffer
@@ -734,7 +740,8 @@ def test_active_file_is_read_through_its_map_and_checked(open_hash, monkeypatch)
     assert not active.sealed and active.mm is not None
     assert 1024 <= active.mapped <= active.flushed < active.size + len(engine._buf) + 1
     where = {"map": 0, "pread": 0, "buffer": 0}
-    for key, (file_id, offset, size) in engine._keydir.items():
+    for key in engine._keydir:
+        file_id, offset, size = record_location(engine, key)
         assert file_id == active.file_id
         end = offset + size
         where["map" if end <= active.mapped else "pread" if end <= active.flushed else "buffer"] += 1
@@ -742,7 +749,7 @@ def test_active_file_is_read_through_its_map_and_checked(open_hash, monkeypatch)
     assert all(engine.get(key) == value for key, value in values.items())
     engine._check()
 
-    file_id, offset, size = engine._keydir[b"k0003"]
+    file_id, offset, size = record_location(engine, b"k0003")
     assert offset + size <= active.mapped
     flip(active.path, offset + size - 6)  # the map shares the page cache: it sees this
     with pytest.raises(CorruptionError) as info:
@@ -758,8 +765,9 @@ def test_get_after_close_raises_for_mapped_records(open_hash, monkeypatch):
     engine = open_hash(max_file_bytes=4096, write_buffer_bytes=256)
     for i in range(100):
         engine.put(b"k%03d" % i, b"v" * 40)
-    sealed = [k for k, e in engine._keydir.items() if engine._files[e[0]].sealed]
-    mapped_active = [k for k, e in engine._keydir.items()
+    entries = {k: fmt.unpack_entry(e) for k, e in engine._keydir.items()}
+    sealed = [k for k, e in entries.items() if engine._files[e[0]].sealed]
+    mapped_active = [k for k, e in entries.items()
                      if e[0] == engine._active_id and e[1] + e[2] <= engine._active.mapped]
     assert sealed and mapped_active
     engine.close()
@@ -827,4 +835,74 @@ def test_a_failed_remap_of_the_active_file_fails_no_write(open_hash, monkeypatch
         engine.put(key, value)
     assert engine._active.mapped == 0 and engine.stats()["remap_errors"] > 0
     assert all(engine.get(key) == value for key, value in values.items())
+    engine._check()
+
+
+# --------------------------------------------------------------------------- keydir entries
+
+
+@pytest.mark.parametrize("file_id, offset, size", [
+    (1, 20, 15), (0, 0, 1), (2**64 - 1, 2**31, 2**31 - 1), (7, 2**32 - 2, 1), (300, 20, 129),
+])
+def test_keydir_entry_packing_round_trips(file_id, offset, size):
+    entry = fmt.pack_entry(file_id, offset, size)
+    assert fmt.unpack_entry(entry) == (file_id, offset, size)
+    assert (fmt.entry_file(entry), fmt.entry_size(entry)) == (file_id, size)
+    assert entry & ((1 << 64) - 1) == fmt.pack_position(offset, size) > 0
+
+
+def test_hint_round_trips_positions_and_tombstones():
+    keys = [b"a", b"bb", b"ccc", b"dddd"]
+    positions = [fmt.pack_position(20, 15), -fmt.pack_position(35, 14), fmt.pack_position(2**31, 2**31 - 1),
+                 fmt.pack_position(49, 1)]
+    data = fmt.encode_hint(9, keys, positions, 12345)
+    data_size, got_keys, kinds, offsets, sizes = fmt.decode_hint(data, 9, "x.hint")
+    assert (data_size, got_keys, bytes(kinds)) == (12345, keys, bytes([1, 2, 1, 1]))
+    assert list(offsets) == [20, 35, 2**31, 49] and list(sizes) == [15, 14, 2**31 - 1, 1]
+    entries = list(fmt.keydir_entries(9, offsets, sizes))
+    assert [fmt.unpack_entry(e) for e in entries] == [(9, 20, 15), (9, 35, 14), (9, 2**31, 2**31 - 1), (9, 49, 1)]
+    puts_only = fmt.encode_hint(9, [b"a"], [fmt.pack_position(20, 15)], 35)
+    assert list(fmt.decode_hint(puts_only, 9, "x.hint")[4]) == [15]
+
+
+def test_puts_leave_nothing_for_the_cyclic_gc(open_hash):
+    """Keydir entries are ints, which the GC does not track: a fill of a large keydir
+    triggers no young collections (a tuple per entry triggered one every 700 puts)."""
+    engine = open_hash(max_file_bytes=1 << 20)
+    engine.put(b"first", b"v")
+    entry = engine._keydir[b"first"]
+    assert type(entry) is int and not gc.is_tracked(entry)
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        for i in range(5000):
+            engine.put(b"k%05d" % i, b"v" * 100)
+        for i in range(0, 5000, 2):
+            engine.put(b"k%05d" % i, b"w" * 100)  # overwrites
+        grown = gc.get_count()[0] - before
+    finally:
+        gc.enable()
+    assert grown < 500, f"{grown} GC-tracked objects left by 7500 puts"
+    engine._check()
+
+
+def test_data_files_are_kept_under_4_gib(tmp_path):
+    """Keydir entries hold 32-bit offsets: options that could make a larger file fail."""
+    with pytest.raises(InvalidArgument, match="max_file_bytes"):
+        HashEngine(str(tmp_path / "h"), max_file_bytes=1 << 32)
+    with pytest.raises(InvalidArgument, match="4 GiB"):
+        HashEngine(str(tmp_path / "h"), max_key_bytes=1024, max_value_bytes=(1 << 32) - 1024 - 20)
+
+
+def test_a_merge_that_would_pass_the_file_size_bound_fails_and_loses_nothing(open_hash, monkeypatch):
+    engine = open_hash(auto_merge=False)
+    for i in range(100):
+        engine.put(b"k%03d" % i, b"value-%03d" % i + b"." * 30)
+    monkeypatch.setattr(hash_engine, "MAX_FILE_END", 2000)  # stands for 4 GiB
+    with pytest.raises(EngineError, match="4 GiB"):
+        engine.merge()
+    assert all(engine.get(b"k%03d" % i) == b"value-%03d" % i + b"." * 30 for i in range(100))
+    engine.wait_idle()  # hints of the rotated file are written meanwhile
+    assert not [n for n in os.listdir(open_hash.path) if n.endswith(".tmp")]  # the output is gone
     engine._check()
