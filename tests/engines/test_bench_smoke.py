@@ -62,3 +62,26 @@ def test_bench_on_persistent_engine_reports_space_and_reopen(kind, tmp_path):
     assert lines["space"]["live_bytes"] == 3000 * 116
     assert lines["space"]["disk_bytes"] > 0
     assert lines["reopen"]["open_seconds"] >= 0
+
+
+def test_bench_bitcask_sketch_reference_gives_ratios(tmp_path):
+    proc = run_bench("--engines", "memory", "--n", "2000", "--reads", "500", "--scans", "20", "--sync-seconds", "0.2",
+                     "--reference", "bitcask-sketch", "--dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    sketch = {line["workload"]: line for line in lines if line["engine"] == "bitcask-sketch"}
+    # No key order, no durability: the sketch runs the four workloads it can do honestly.
+    assert set(sketch) == {"fill", "read_hit", "read_miss", "overwrite"}
+    assert sketch["read_hit"]["ops"] == 500
+    memory = {line["workload"]: line for line in lines if line["engine"] == "memory"}
+    for workload in ("fill", "read_hit", "read_miss", "overwrite"):
+        expected = memory[workload]["ops_per_s"] / sketch[workload]["ops_per_s"]
+        assert abs(memory[workload]["ratio_vs_bitcask_sketch"] - expected) <= 1e-3 * expected + 1e-4
+    assert "ratio_vs_bitcask_sketch" not in memory["scan100"]
+    assert not os.listdir(tmp_path)  # the sketch's data file is removed
+
+
+def test_bench_refuses_unknown_reference():
+    proc = run_bench("--engines", "memory", "--reference", "bitcask-sketch,teapot")
+    assert proc.returncode != 0
+    assert "teapot" in proc.stderr
