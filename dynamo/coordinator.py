@@ -38,6 +38,9 @@ from .vclock import VClock
 from .versions import VersionedObject
 
 Call = Callable[[str, str, dict, float], Awaitable[dict]]
+# The same call as a future (`transport.start_call`): no task when the transport can send
+# at once; cancelling the future abandons the call.
+StartCall = Callable[[str, str, dict, float], "asyncio.Future[dict]"]
 
 
 class LocalReplica(Protocol):
@@ -73,16 +76,22 @@ class CoordinatorLimits:
     max_background_writes: int = 1024
 
 
-async def _wait_until(event: asyncio.Event, deadline: float) -> None:
-    """Wait for `event` until the loop time `deadline`. (asyncio.timeout, unlike
-    wait_for, makes no extra task: this runs once per client request.)"""
-    if event.is_set():
+async def _wait_until(done: asyncio.Future, deadline: float) -> None:
+    """Wait for the future `done` until the loop time `deadline`. (One timer and the
+    future: no task, no Event and its waiter future, no Timeout context; this runs once
+    per client request.)"""
+    if done.done():
         return
+    timer = asyncio.get_running_loop().call_at(deadline, _settle, done)
     try:
-        async with asyncio.timeout_at(deadline):
-            await event.wait()
-    except TimeoutError:
-        pass
+        await done
+    finally:
+        timer.cancel()
+
+
+def _settle(done: asyncio.Future) -> None:
+    if not done.done():
+        done.set_result(None)
 
 
 class Coordinator:
@@ -101,6 +110,7 @@ class Coordinator:
         metrics: dict | None = None,
         previous_ring: Callable[[], Ring | None] = lambda: None,
         local: LocalReplica | None = None,
+        start_call: StartCall | None = None,
     ):
         self.self_id = self_id
         self.ring = ring
@@ -110,6 +120,7 @@ class Coordinator:
         self.n = n
         self.detector = detector
         self._call = call
+        self._start_call = start_call or (lambda *args: asyncio.ensure_future(call(*args)))
         self.wall_clock = wall_clock
         self.sloppy = sloppy
         self.lww = lww
@@ -117,6 +128,10 @@ class Coordinator:
         self.metrics = metrics if metrics is not None else {}
         self.local = local
         self._background: set[asyncio.Task] = set()
+        # Replica sends (writes) and fetches (reads) in flight, as futures with callbacks
+        # (no task each); close() cancels them.
+        self._in_flight: set[asyncio.Future] = set()
+        self._sends_in_flight = 0  # of which write sends (bounded by max_background_writes)
         self._repairs_running = 0
         self._closed = False
 
@@ -147,6 +162,22 @@ class Coordinator:
             raise
         self.detector.record_success(node, self._now())
         return reply
+
+    def _begin(
+        self, node: str, method: str, payload: dict, deadline: float, answered: Callable[[asyncio.Future], None]
+    ) -> asyncio.Future:
+        """`call` as a future, for the fan-out of a request: `answered(future)` runs once it
+        is done (a reply, an exception, or cancelled), after the failure detector heard of
+        it as with `call`. One callback per replica asked instead of a task."""
+        timeout = self._rpc_timeout(deadline)
+        if timeout <= 0:
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(PeerUnreachable("request deadline passed"))
+        else:
+            future = self._start_call(node, method, payload, timeout)
+            self._in_flight.add(future)
+        future.add_done_callback(_Answered(self, node, self._now(), timeout, answered))
+        return future
 
     async def _coordinate_here(self, key: bytes, value: bytes | None, context: VClock, hint_for, now: float, deadline: float):
         """`coordinate` on this node's replica (`LocalReplica`), bounded and fed to the
@@ -186,6 +217,8 @@ class Coordinator:
 
     async def close(self) -> None:
         self._closed = True
+        for future in list(self._in_flight):
+            future.cancel()
         for task in list(self._background):
             task.cancel()
         if self._background:
@@ -237,20 +270,21 @@ class Coordinator:
                 f"no replica could take the write (wanted {w} acknowledgements, got 0)", wanted=w, acknowledged=0
             )
         if pending:
-            settled = asyncio.Event()
+            settled = asyncio.get_running_loop().create_future()
             if tally.done:
-                settled.set()
-            store = {"key": b64(key), "object": encoded}
+                settled.set_result(None)
             # Over the cap, this write keeps its client waiting for all its sends
             # (back-pressure) instead of leaving more work running in the background.
-            capped = len(self._background) >= self.limits.max_background_writes
+            capped = self._sends_in_flight >= self.limits.max_background_writes
             if capped:
                 self._count("background_writes_capped")
-            sends = [self._spawn(self._replicate(store, target, tally, fallbacks, used, deadline, settled)) for target in pending]
+            sends = _Sends(self, {"key": b64(key), "object": encoded}, tally, fallbacks, used, deadline, settled)
+            for target in pending:
+                sends.send(target)
             if not tally.done:
                 await _wait_until(settled, deadline)
-            if capped and deadline > self._now():
-                await asyncio.wait(sends, timeout=deadline - self._now())
+            if capped and sends.left:
+                await _wait_until(sends.finished, deadline)
         if not tally.ok:
             self._count("quorum_failures")
             raise Unavailable(
@@ -259,24 +293,6 @@ class Coordinator:
                 acknowledged=len(tally.acked),
             )
         return obj
-
-    async def _replicate(self, store: dict, target: Target, tally: WriteTally, fallbacks, used, deadline, settled) -> None:
-        while target is not None:
-            try:
-                await self.call(target.node, "store", {**store, "hint_for": target.hint_for}, deadline)
-                tally.ack(target.node)
-                if target.hint_for:
-                    self._count("hinted_writes")
-                target = None
-            except (PeerUnreachable, RemoteError):
-                tally.fail(target.node)
-                target = self._replacement(target, fallbacks, used) if self._now() < deadline else None
-                if target is not None:
-                    tally.add_replacement()
-            if tally.done:
-                settled.set()
-        if tally.done:
-            settled.set()
 
     # --- reads ---------------------------------------------------------------------------
     async def read(self, key: bytes, *, r: int, timeout: float) -> VersionedObject | None:
@@ -298,20 +314,19 @@ class Coordinator:
             targets = targets + [Target(node) for node in old_owners]
             used |= set(old_owners)
         tally = ReadTally(r, len(targets), lww=self.lww, wait_all=bool(old_owners))
-        settled = asyncio.Event()
+        settled = asyncio.get_running_loop().create_future()
         if tally.done:
-            settled.set()
+            settled.set_result(None)
         fallback_nodes: set[str] = {t.node for t in targets if t.hint_for} | set(old_owners)
-        tasks = []
+        fetches = _Fetches(self, key, tally, fallbacks, used, fallback_nodes, deadline, settled)
         for target in targets:
             if target.node == self.self_id and self.local is not None and self._fetch_here(key, tally):
                 continue
-            tasks.append(asyncio.ensure_future(self._fetch(key, target, tally, fallbacks, used, fallback_nodes, deadline, settled)))
+            fetches.ask(target)
         if not tally.done:
             await _wait_until(settled, deadline)
         if not tally.ok:
-            for task in tasks:
-                task.cancel()
+            fetches.cancel()
             self._count("quorum_failures")
             raise Unavailable(
                 f"only {len(tally.replies)} of the {r} replicas needed answered in time", wanted=r, answered=len(tally.replies)
@@ -320,7 +335,7 @@ class Coordinator:
         if merged is not None:
             self._count("siblings_seen", len(merged.live_values))
             self._count("reads_with_siblings", len(merged.live_values) > 1)
-        self._watch_read_repair(key, tally, tasks, fallback_nodes, deadline)
+        fetches.then_read_repair()
         return merged
 
     def _old_owners(self, key: bytes, used: set[str]) -> list[str]:
@@ -338,52 +353,6 @@ class Coordinator:
         except (RemoteError, ValueError):
             return False
         return True
-
-    async def _fetch(self, key, target, tally, fallbacks, used, fallback_nodes, deadline, settled) -> None:
-        while target is not None:
-            try:
-                reply = await self.call(target.node, "fetch", {"key": b64(key)}, deadline)
-                raw = reply.get("object")
-                # a copy that does not decode counts as a failed replica (ValueError)
-                tally.reply_encoded(target.node, None if raw is None else unb64(raw))
-                target = None
-            except (PeerUnreachable, RemoteError, ValueError):
-                tally.fail(target.node)
-                target = self._replacement(target, fallbacks, used) if self._now() < deadline else None
-                if target is not None:
-                    fallback_nodes.add(target.node)
-                    tally.add_replacement()
-            if tally.done:
-                settled.set()
-
-    def _watch_read_repair(self, key, tally: ReadTally, tasks, fallback_nodes, deadline) -> None:
-        """Read repair, once the replicas still asked have answered or `read_repair_wait_s`
-        has passed (then they are cancelled): done callbacks and one timer, not a task per
-        read; a repair runs as a task only when some replica is stale."""
-        pending = [task for task in tasks if not task.done()]
-        wait = min(self.limits.read_repair_wait_s, max(0.0, deadline - self._now()))
-        if pending and wait <= 0:
-            for task in pending:
-                task.cancel()
-        if not pending or wait <= 0:
-            self._start_read_repair(key, tally, fallback_nodes)
-            return
-        left = len(pending)
-
-        def answered(_task) -> None:
-            nonlocal left
-            left -= 1
-            if left == 0:
-                timer.cancel()
-                self._start_read_repair(key, tally, fallback_nodes)
-
-        def give_up() -> None:
-            for task in pending:
-                task.cancel()  # each one's callback still runs, the last starts the repair
-
-        timer = asyncio.get_running_loop().call_later(wait, give_up)
-        for task in pending:
-            task.add_done_callback(answered)
 
     def _start_read_repair(self, key: bytes, tally: ReadTally, fallback_nodes) -> None:
         if self._closed:
@@ -448,3 +417,151 @@ class Coordinator:
     def _check_quorum(self, name: str, value: int) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= self.n:
             raise InvalidRequest(f"{name} must be between 1 and N={self.n}, not {value!r}", code="invalid_quorum")
+
+
+class _Answered:
+    """A `_begin` call is done: feed the failure detector as `Coordinator.call` does (a
+    success; a refusal says nothing; `PeerUnreachable` counts when it came quickly or with
+    the whole per-peer budget: running out of a short client deadline says nothing about
+    the peer), then hand the future to the request's callback."""
+
+    __slots__ = ("coordinator", "node", "started", "timeout", "answered")
+
+    def __init__(self, coordinator: Coordinator, node: str, started: float, timeout: float, answered):
+        self.coordinator, self.node, self.started, self.timeout = coordinator, node, started, timeout
+        self.answered = answered
+
+    def __call__(self, future: asyncio.Future) -> None:
+        coordinator = self.coordinator
+        coordinator._in_flight.discard(future)
+        if not future.cancelled():
+            error = future.exception()
+            now = coordinator._now()
+            if error is None:
+                coordinator.detector.record_success(self.node, now)
+            elif isinstance(error, PeerUnreachable):
+                quick = now - self.started < 0.9 * self.timeout
+                if quick or self.timeout >= coordinator.limits.peer_timeout_s:
+                    coordinator.detector.record_failure(self.node, now)
+        self.answered(future)
+
+
+class _Sends:
+    """The execute phase of one write: the version goes to each other target; a target that
+    fails is replaced by the next unused up fallback (while the deadline allows); `settled`
+    is set once the tally is done, `finished` once no send is left. Callbacks, no tasks."""
+
+    __slots__ = ("coordinator", "store", "tally", "fallbacks", "used", "deadline", "settled", "left", "_finished")
+
+    def __init__(self, coordinator: Coordinator, store: dict, tally: WriteTally, fallbacks, used, deadline: float, settled):
+        self.coordinator, self.store, self.tally = coordinator, store, tally
+        self.fallbacks, self.used, self.deadline, self.settled = fallbacks, used, deadline, settled
+        self.left = 0
+        self._finished: asyncio.Future | None = None
+
+    @property
+    def finished(self) -> asyncio.Future:
+        if self._finished is None:
+            self._finished = asyncio.get_running_loop().create_future()
+            if not self.left:
+                self._finished.set_result(None)
+        return self._finished
+
+    def send(self, target: Target) -> None:
+        self.left += 1
+        self.coordinator._sends_in_flight += 1
+        self.coordinator._begin(
+            target.node, "store", {**self.store, "hint_for": target.hint_for}, self.deadline,
+            lambda future: self._answered(target, future),
+        )
+
+    def _answered(self, target: Target, future: asyncio.Future) -> None:
+        self.left -= 1
+        self.coordinator._sends_in_flight -= 1
+        coordinator, tally = self.coordinator, self.tally
+        if not future.cancelled():
+            if future.exception() is None:
+                tally.ack(target.node)
+                if target.hint_for:
+                    coordinator._count("hinted_writes")
+            else:  # PeerUnreachable, RemoteError (or a failure of our own): that replica failed
+                tally.fail(target.node)
+                if coordinator._now() < self.deadline:
+                    replacement = coordinator._replacement(target, self.fallbacks, self.used)
+                    if replacement is not None:
+                        tally.add_replacement()
+                        self.send(replacement)
+        if tally.done:
+            _settle(self.settled)
+        if not self.left and self._finished is not None:
+            _settle(self._finished)
+
+
+class _Fetches:
+    """The replica reads of one get: each target is asked for its copy; a target that fails
+    is replaced by the next unused up fallback (while the deadline allows); `settled` is set
+    once the tally is done. After the answer, `then_read_repair` waits (callbacks and one
+    timer, no task) for the replicas still asked, at most `read_repair_wait_s`, then
+    repairs; a repair runs as a task only when some replica is stale."""
+
+    __slots__ = ("coordinator", "key", "payload", "tally", "fallbacks", "used", "fallback_nodes", "deadline", "settled",
+                 "asked", "_when_all", "_timer")
+
+    def __init__(self, coordinator: Coordinator, key: bytes, tally: ReadTally, fallbacks, used, fallback_nodes, deadline, settled):
+        self.coordinator, self.key, self.tally = coordinator, key, tally
+        self.payload = {"key": b64(key)}
+        self.fallbacks, self.used, self.fallback_nodes = fallbacks, used, fallback_nodes
+        self.deadline, self.settled = deadline, settled
+        self.asked: set[asyncio.Future] = set()
+        self._when_all = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def ask(self, target: Target) -> None:
+        future = self.coordinator._begin(
+            target.node, "fetch", self.payload, self.deadline, lambda future: self._answered(target, future)
+        )
+        self.asked.add(future)
+
+    def _answered(self, target: Target, future: asyncio.Future) -> None:
+        self.asked.discard(future)
+        coordinator, tally = self.coordinator, self.tally
+        if not future.cancelled():
+            failed = future.exception() is not None  # PeerUnreachable, RemoteError
+            if not failed:
+                raw = future.result().get("object")
+                try:
+                    tally.reply_encoded(target.node, None if raw is None else unb64(raw))
+                except (ValueError, TypeError):  # a copy that does not decode: a failed replica
+                    failed = True
+            if failed:
+                tally.fail(target.node)
+                if coordinator._now() < self.deadline:
+                    replacement = coordinator._replacement(target, self.fallbacks, self.used)
+                    if replacement is not None:
+                        self.fallback_nodes.add(replacement.node)
+                        tally.add_replacement()
+                        self.ask(replacement)
+            if tally.done:
+                _settle(self.settled)
+        if not self.asked and self._when_all is not None:
+            when_all, self._when_all = self._when_all, None
+            if self._timer is not None:
+                self._timer.cancel()
+            when_all()
+
+    def cancel(self) -> None:
+        for future in list(self.asked):
+            future.cancel()
+
+    def then_read_repair(self) -> None:
+        coordinator = self.coordinator
+        start = lambda: coordinator._start_read_repair(self.key, self.tally, self.fallback_nodes)  # noqa: E731
+        wait = min(coordinator.limits.read_repair_wait_s, max(0.0, self.deadline - coordinator._now()))
+        if self.asked and wait <= 0:
+            self.cancel()  # each one's callback still runs
+        if not self.asked:
+            start()
+            return
+        self._when_all = start
+        # Give up on the slow ones: cancelling them runs their callbacks; the last starts the repair.
+        self._timer = asyncio.get_running_loop().call_later(wait, self.cancel)

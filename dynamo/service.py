@@ -39,7 +39,7 @@ from .node import Replica, ReplicaLimits, TooManySiblings
 from .ring import Ring
 from .tombstones import GRACE_ENV, Reaper, ReapPolicy, TombstoneIndex, tombstone_time
 from .framed import StreamTransport
-from .transport import HttpTransport, PeerServer, PeerUnreachable, RemoteError, Transport, b64, unb64
+from .transport import HttpTransport, PeerServer, PeerUnreachable, RemoteError, Transport, b64, start_call, unb64
 from .vclock import PrunePolicy, VClock, decode_context, encode_context
 
 
@@ -274,6 +274,7 @@ class DynamoService:
             n=config.replicas,
             detector=self.detector,
             call=self._call,
+            start_call=self._start_call,
             wall_clock=self.wall_clock,
             sloppy=config.hinted_handoff,
             lww=config.conflicts == "lww",
@@ -393,6 +394,13 @@ class DynamoService:
             except TimeoutError:
                 raise PeerUnreachable("local replica timed out") from None
         return await self.transport.call(node, method, payload, timeout)
+
+    def _start_call(self, node: str, method: str, payload: dict, timeout: float) -> asyncio.Future:
+        """`_call` as a future (the coordinator's fan-out): no task when the transport can
+        send at once."""
+        if node == self.node_id:
+            return asyncio.ensure_future(self._call(node, method, payload, timeout))
+        return start_call(self.transport, node, method, payload, timeout)
 
     # --- peer RPC --------------------------------------------------------------------------
     def _serving_replica(self) -> Replica:

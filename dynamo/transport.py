@@ -26,7 +26,7 @@ a member. (No replay protection: peer traffic is expected on a private network.)
 from __future__ import annotations
 
 import asyncio
-import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -66,13 +66,29 @@ class Transport(Protocol):
 
     async def close(self) -> None: ...
 
+    # Optional: `start_call(node, method, payload, timeout) -> asyncio.Future`, the same call
+    # as a future that may need no task (`StreamTransport` sends at once when it can);
+    # `start_call` below falls back to `call` in a task.
 
+
+def start_call(transport: Transport, node: str, method: str, payload: dict, timeout: float) -> asyncio.Future:
+    """`transport.call(...)` as a future (the reply dict, or its exception); cancelling it
+    abandons the call."""
+    fast = getattr(transport, "start_call", None)
+    if fast is not None:
+        return fast(node, method, payload, timeout)
+    return asyncio.ensure_future(transport.call(node, method, payload, timeout))
+
+
+# binascii directly: what base64.b64encode / b64decode(validate=True) do, without their
+# argument coercion (a few calls per peer message).
 def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 def unb64(text: str) -> bytes:
-    return base64.b64decode(text.encode("ascii"), validate=True)
+    """Strict standard base64 (ValueError, binascii.Error among them, when it is not)."""
+    return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
 
 
 def sign(secret: str, label: str, body: bytes) -> str:

@@ -294,6 +294,9 @@ def _decode_object(data: bytes) -> VersionedObject:
             length = data[pos]
             if length < 128:
                 pos += 1
+            elif data[pos + 1] < 128:  # values of 128 bytes to 16 KiB: two bytes, in line
+                length = (length & 0x7F) | (data[pos + 1] << 7)
+                pos += 2
             else:
                 length, pos = _get_varint(data, pos)
             value = data[pos : pos + length]

@@ -206,6 +206,24 @@ def test_the_codec_reassembles_frames_split_anywhere():
         FrameCodec(key, b"r", b"q").feed(stream[:3] + b"\x00" + stream[4:])  # length tampered with
 
 
+def test_a_sealed_frame_is_the_documented_bytes():
+    """The wire is `length + HMAC-SHA256(K, direction + seq + body) + body`: the codec's
+    precomputed-pad mac must give exactly hmac.digest's bytes (old and new nodes interoperate)."""
+    import hmac
+    import struct
+
+    key = session_key("s", b"a" * 16, b"b" * 16)
+    sender = FrameCodec(key, b"q", b"r")
+    for seq, body in enumerate([b"", b"x", b"y" * 63, b"z" * 64, b"w" * 1000]):
+        frame = sender.seal(body)
+        expected = hmac.digest(key, b"q" + struct.pack(">Q", seq) + body, "sha256")
+        assert frame == struct.pack(">I", len(body)) + expected + body
+    for length in (1, 32, 64, 65, 200):  # RFC 2104: keys over one block are hashed first
+        long_key = bytes(range(length % 256)) * (length // 256 + 1)
+        long_key = long_key[:length]
+        assert framed._SessionMac(long_key).digest(b"ab", b"cd") == hmac.digest(long_key, b"abcd", "sha256")
+
+
 async def test_calls_beyond_the_outstanding_cap_queue_instead_of_failing(peer, monkeypatch):
     monkeypatch.setattr(framed, "MAX_OUTSTANDING_CALLS", 4)
     transport = StreamTransport({"a": peer.address}, "s3cret")
@@ -256,3 +274,40 @@ async def test_immediate_methods_are_answered_in_line_and_others_go_to_the_handl
     finally:
         await transport.close()
         await peer.stop()
+
+
+async def test_start_call_sends_without_a_task_and_a_cancelled_call_keeps_its_slot_until_answered(peer, monkeypatch):
+    monkeypatch.setattr(framed, "MAX_OUTSTANDING_CALLS", 2)
+    transport = StreamTransport({"a": peer.address}, "s3cret")
+    try:
+        first = transport.start_call("a", "echo", {"i": 0}, 5.0)  # not connected yet: `call` in a task
+        assert isinstance(first, asyncio.Task)
+        assert (await first)["payload"] == {"i": 0}
+        fast = transport.start_call("a", "echo", {"i": 1}, 5.0)
+        assert not isinstance(fast, asyncio.Task)  # connected, a free slot: sealed and queued here
+        assert (await fast)["payload"] == {"i": 1}
+        with pytest.raises(RemoteError):
+            await transport.start_call("a", "refuse", {}, 5.0)
+        link = transport._links["a"]
+        stalled = transport.start_call("a", "stall", {}, 5.0)
+        stalled.cancel()  # the request is out: its slot stays taken until the peer answers
+        other = transport.start_call("a", "stall", {}, 5.0)
+        await asyncio.sleep(0.1)
+        assert link._in_flight == 2 and not link.can_start()
+        queued = transport.start_call("a", "echo", {"i": 2}, 5.0)  # no slot: waits in a task
+        assert isinstance(queued, asyncio.Task)
+        await asyncio.sleep(0.1)
+        assert not queued.done()
+        peer.release.set()
+        assert (await other)["method"] == "stall"
+        assert (await queued)["payload"] == {"i": 2}
+        assert link._in_flight == 0 and not link.pending and link.can_start()
+        expiring = transport.start_call("a", "stall", {}, 0.05)  # the peer still stalls? no: released
+        assert (await expiring)["method"] == "stall"
+        peer.release.clear()
+        with pytest.raises(PeerUnreachable, match="in time"):
+            await transport.start_call("a", "stall", {}, 0.1)
+        assert link._in_flight == 0 and not link.pending  # the expiry freed the slot
+        peer.release.set()
+    finally:
+        await transport.close()
