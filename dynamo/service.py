@@ -130,6 +130,11 @@ def create_service(config: NodeConfig, **kwargs) -> "DynamoService":
     return DynamoService(config, **kwargs)
 
 
+# What a replica's work may raise that a peer gets as a refusal (`DynamoService._refusal`)
+# rather than as a failure of this node.
+_REFUSED = (TooManySiblings, HintsFull, KeyError, TypeError, ValueError)
+
+
 class _ReplicaHere:
     """`coordinator.LocalReplica` over this node's `Replica`: what `handle` does for the
     peer methods `coordinate` and `fetch`, with the same checks and refusals, for the
@@ -416,13 +421,8 @@ class DynamoService:
         or the refusal a peer would send."""
         try:
             result = await self._serving_replica().coordinate_encoded(key, value, context, hint_for=hint_for, now=now)
-        except TooManySiblings as exc:
-            raise RemoteError("too_many_siblings", str(exc)) from None
-        except HintsFull as exc:
-            self._count("hints_refused")
-            raise RemoteError("hints_full", str(exc)) from None
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RemoteError("bad_request", f"coordinate: {type(exc).__name__}: {exc}") from None
+        except _REFUSED as exc:
+            raise self._refusal("coordinate", exc) from None
         if hint_for:
             self._count("hints_stored")
         return result
@@ -439,7 +439,7 @@ class DynamoService:
             # the stored bytes as they are: the caller decodes them (once per distinct copy)
             raw = replica.fetch_encoded(unb64(payload["key"]))
         except (KeyError, TypeError, ValueError) as exc:
-            raise RemoteError("bad_request", f"{method}: {type(exc).__name__}: {exc}") from None
+            raise self._refusal(method, exc) from None
         return {"object": None if raw is None else b64(raw)}
 
     async def handle(self, method: str, payload: dict) -> dict:
@@ -487,14 +487,18 @@ class DynamoService:
                 else:
                     await self._merge_gossip({"ring": {"version": version, "members": payload["members"]}, "nodes": {}})
                 return {"ok": True}
-        except TooManySiblings as exc:
-            raise RemoteError("too_many_siblings", str(exc)) from None
-        except HintsFull as exc:
-            self._count("hints_refused")
-            raise RemoteError("hints_full", str(exc)) from None
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RemoteError("bad_request", f"{method}: {type(exc).__name__}: {exc}") from None
+        except _REFUSED as exc:
+            raise self._refusal(method, exc) from None
         raise RemoteError("unknown_method", f"no peer method {method!r}")
+
+    def _refusal(self, method: str, exc: Exception) -> RemoteError:
+        """The refusal a peer gets for an error of `_REFUSED` raised by `method`."""
+        if isinstance(exc, TooManySiblings):
+            return RemoteError("too_many_siblings", str(exc))
+        if isinstance(exc, HintsFull):
+            self._count("hints_refused")
+            return RemoteError("hints_full", str(exc))
+        return RemoteError("bad_request", f"{method}: {type(exc).__name__}: {exc}")
 
     # --- APService ---------------------------------------------------------------------------
     def _count(self, name: str, by: float = 1) -> None:
